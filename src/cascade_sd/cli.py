@@ -1,0 +1,189 @@
+"""The ``cascade-sd`` command line (typer): train, tokenize, generate, evaluate, doctor, track.
+
+Every subcommand validates its config and arguments before compute and reports user errors as
+one line on stderr (exit code 2); the workflow's rules call these commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cascade_sd.config import load_config, validate_config
+from cascade_sd.errors import CascadeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Relaxed speculative decoding of AR image generators.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the built-in tokenizer, target or judge.")
+track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking set-up.")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset checks.")
+app.add_typer(train_app, name="train")
+app.add_typer(track_app, name="track")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML (defaults: workflow/schemas/config.schema.yaml).")
+
+
+def _config(path: Optional[Path], **sample_overrides: Any) -> dict[str, Any]:
+    config = load_config(path)
+    overrides = {k: v for k, v in sample_overrides.items() if v is not None}
+    if overrides:
+        config["sample"].update(overrides)
+        config = validate_config(config)
+    return config
+
+
+@track_app.command("init")
+def track_init(config: Optional[Path] = ConfigOpt) -> None:
+    """Create the MLflow schema, experiment and parent run before any parallel job starts."""
+    from cascade_sd.tracking import init_tracking
+
+    cfg = _config(config)
+    info = init_tracking(cfg["results"], cfg["mlflow"]["experiment"], cfg)
+    typer.echo(json.dumps(info))
+
+
+@data_app.command("prepare")
+def data_prepare(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(..., help="dataset.json to write")) -> None:
+    """Check the configured dataset is present and record its fingerprint."""
+    from cascade_sd.jobs import prepare_data
+
+    info = prepare_data(_config(config), out)
+    typer.echo(f"{info['source']}: {info['train_examples']} train / {info['test_examples']} test images")
+
+
+@train_app.command("tokenizer")
+def train_tokenizer(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+    """Train the VQ tokenizer; reports test PSNR and codebook usage."""
+    from cascade_sd.jobs import train_tokenizer_job
+
+    typer.echo(json.dumps(train_tokenizer_job(_config(config), out, metrics), indent=1))
+
+
+@train_app.command("target")
+def train_target(
+    config: Optional[Path] = ConfigOpt,
+    tokens: Path = typer.Option(..., help="token cache from `cascade-sd tokenize`"),
+    tokenizer: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+    metrics: Path = typer.Option(...),
+) -> None:
+    """Train the target GPT (class dropout for CFG); reports test NLL in bits per token."""
+    from cascade_sd.jobs import train_target_job
+
+    typer.echo(json.dumps(train_target_job(_config(config), tokens, tokenizer, out, metrics), indent=1))
+
+
+@train_app.command("judge")
+def train_judge(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+    """Train the in-domain judge classifier (fidelity score and FID/KID features)."""
+    from cascade_sd.jobs import train_judge_job
+
+    typer.echo(json.dumps(train_judge_job(_config(config), out, metrics), indent=1))
+
+
+@app.command("tokenize")
+def tokenize(config: Optional[Path] = ConfigOpt, tokenizer: Path = typer.Option(...), out: Path = typer.Option(...)) -> None:
+    """Tokenise the whole dataset once and cache the codes."""
+    from cascade_sd.jobs import tokenize_job
+
+    typer.echo(json.dumps(tokenize_job(_config(config), tokenizer, out)))
+
+
+@app.command("generate")
+def generate(
+    config: Optional[Path] = ConfigOpt,
+    tokenizer: Path = typer.Option(...),
+    target: Path = typer.Option(...),
+    out_dir: Path = typer.Option(..., help="folder for tokens.npz, images.npz, grid.png, stats.json"),
+    seed: int = typer.Option(0, min=0),
+    per_class: Optional[int] = typer.Option(None, min=1, help="samples per class (default: config sample.per_class)"),
+    batch_size: Optional[int] = typer.Option(None, help="override sample.batch_size"),
+    temperature: Optional[float] = typer.Option(None, help="override sample.temperature (0 = greedy)"),
+    top_k: Optional[int] = typer.Option(None, help="override sample.top_k (0 = off)"),
+    top_p: Optional[float] = typer.Option(None, help="override sample.top_p (1 = off)"),
+    cfg_scale: Optional[float] = typer.Option(None, help="override sample.cfg_scale (1 = no guidance)"),
+) -> None:
+    """Vanilla (plain AR) sampling of every class; writes a PNG grid."""
+    from cascade_sd.jobs import generate_job
+
+    cfg = _config(config, batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    typer.echo(json.dumps(generate_job(cfg, tokenizer, target, out_dir, seed=seed, per_class=per_class)))
+
+
+@app.command("evaluate")
+def evaluate(
+    config: Optional[Path] = ConfigOpt,
+    samples: Path = typer.Option(..., help="folder written by `cascade-sd generate`"),
+    judge: Path = typer.Option(...),
+    out: Path = typer.Option(...),
+) -> None:
+    """In-domain quality of samples: judge accuracy, FID and KID vs the test split."""
+    from cascade_sd.jobs import evaluate_job
+
+    typer.echo(json.dumps(evaluate_job(_config(config), samples, judge, out)))
+
+
+@app.command("summarize")
+def summarize(
+    evals: list[Path] = typer.Argument(..., help="quality JSON files from `cascade-sd evaluate`"),
+    tokenizer: Path = typer.Option(..., help="tokenizer metrics JSON"),
+    target: Path = typer.Option(..., help="target metrics JSON"),
+    judge: Path = typer.Option(..., help="judge metrics JSON"),
+    out: Path = typer.Option(..., help="Markdown file to write"),
+) -> None:
+    """Write a Markdown summary of model metrics and sample quality."""
+    from cascade_sd.jobs import summarize as _summarize
+
+    typer.echo(_summarize(tokenizer, target, judge, evals, out))
+
+
+@app.command("doctor")
+def doctor(config: Optional[Path] = ConfigOpt) -> None:
+    """Print versions, threads, device, whether the dataset is found, and the MLflow URI."""
+    import platform
+
+    import mlflow
+    import torch
+
+    import cascade_sd
+    from cascade_sd.data import load_images
+    from cascade_sd.tracking import default_tracking_uri
+
+    cfg = _config(config)
+    rows = {
+        "cascade_sd": cascade_sd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mlflow": mlflow.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "config_device": cfg["device"],
+        "mlflow_tracking_uri": default_tracking_uri(cfg["results"]),
+    }
+    try:
+        data = load_images(cfg["data"]["source"], "test", root=cfg["data"]["root"], limit=10)
+        rows["data"] = f"found ({data.source}, {cfg['data']['root'] or 'default location'})"
+    except CascadeError as exc:
+        rows["data"] = f"NOT FOUND: {exc}"
+    for key, value in rows.items():
+        typer.echo(f"{key:>20}: {value}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning package errors into one-line messages (exit 2)."""
+    try:
+        app()
+    except CascadeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

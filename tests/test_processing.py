@@ -1,0 +1,102 @@
+"""The target law p: CFG, temperature, top-k and top-p on hand-made logits (DESIGN 3)."""
+
+import math
+
+import pytest
+import torch
+
+from cascade_sd.decoding.processing import (
+    SamplingParams,
+    apply_cfg,
+    filter_logits,
+    law_from_logits,
+    sample_from_law,
+    target_law,
+)
+from cascade_sd.errors import ConfigError
+
+
+def test_cfg_combines_cond_and_uncond_on_logits():
+    c = torch.tensor([[2.0, 0.0, -1.0]])
+    u = torch.tensor([[1.0, 1.0, 1.0]])
+    assert torch.allclose(apply_cfg(c, u, 3.0), torch.tensor([[4.0, -2.0, -5.0]]))
+    stacked = torch.cat([c, u])
+    law = target_law(stacked, SamplingParams(cfg_scale=3.0))
+    assert law.shape == (1, 3)
+    assert torch.allclose(law, torch.softmax(torch.tensor([[4.0, -2.0, -5.0]]), -1))
+
+
+def test_no_cfg_keeps_batch():
+    logits = torch.randn(4, 7)
+    assert target_law(logits, SamplingParams()).shape == (4, 7)
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    law = law_from_logits(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(law, torch.softmax(logits / 0.5, -1))
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.isinf(out).tolist() == [[True, False, True, True, False]]
+    law = law_from_logits(logits, SamplingParams(top_k=2))
+    assert law[0, [0, 2, 3]].sum() == 0
+    assert math.isclose(law[0, 1] / law[0, 4], math.exp(0.5), rel_tol=1e-6)
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: keep the first two (the crossing token is kept).
+    law = law_from_logits(logits, SamplingParams(top_p=0.7))
+    assert torch.allclose(law, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    # A threshold below the top token still keeps that token.
+    law = law_from_logits(logits, SamplingParams(top_p=0.1))
+    assert law.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_top_p_respects_unsorted_order():
+    probs = torch.tensor([[0.05, 0.3, 0.15, 0.5]])
+    law = law_from_logits(probs.log(), SamplingParams(top_p=0.7))
+    assert torch.allclose(law, torch.tensor([[0.0, 0.375, 0.0, 0.625]]))
+
+
+def test_top_k_then_top_p():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    law = law_from_logits(probs.log(), SamplingParams(top_k=3, top_p=0.75))
+    # After top-k: 0.4/0.9, 0.3/0.9, 0.2/0.9 → cumulative 0.444, 0.778: keep two.
+    assert torch.allclose(law, torch.tensor([[4 / 7, 3 / 7, 0.0, 0.0]]))
+
+
+def test_greedy_is_point_mass_at_argmax():
+    logits = torch.tensor([[0.1, 0.9, 0.3], [2.0, 1.0, 0.0]])
+    law = law_from_logits(logits, SamplingParams(temperature=0.0))
+    assert law.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert sample_from_law(law).tolist() == [1, 0]
+
+
+def test_float64_law_sums_to_one():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    law = law_from_logits(logits, SamplingParams(top_k=20, top_p=0.9), dtype=torch.float64)
+    assert law.dtype == torch.float64
+    assert torch.allclose(law.sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_sampling_is_seeded():
+    law = torch.softmax(torch.randn(5, 30, generator=torch.Generator().manual_seed(1)), -1)
+    a = sample_from_law(law, torch.Generator().manual_seed(7))
+    b = sample_from_law(law, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"cfg_scale": -1.0}, "cfg_scale")],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"^{field}=") as err:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(err.value)
