@@ -95,12 +95,14 @@ def environment_tags() -> dict[str, str]:
 def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mapping[str, Any]) -> dict[str, str]:
     """Create schema, experiment and the parent run; write ``<results>/mlflow/parent.json``."""
     results_dir = Path(results_dir)
+    on_server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     uri = default_tracking_uri(results_dir)
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        artifacts = (results_dir.resolve() / "mlflow" / "artifacts").as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else artifacts)
+        # Local runs keep artifacts beside the database; a server decides its own store.
+        artifacts = None if on_server else (results_dir.resolve() / "mlflow" / "artifacts").as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name="workflow", tags=environment_tags() | {"cascade_sd.role": "parent"})
@@ -199,8 +201,7 @@ def child_run(
         yield NullLogger()
         return
     info = json.loads(parent_file.read_text())
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"]
-    client = _client(uri)
+    client = _client(info["tracking_uri"])
     tags = environment_tags() | {"mlflow.parentRunId": info["parent_run_id"], "cascade_sd.job": job}
     if seed is not None:
         tags["seed"] = str(seed)

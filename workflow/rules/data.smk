@@ -5,8 +5,11 @@ rule data:
     output:
         f"{R}/data/dataset.json",
     params:
+        cfg=CFG,
         data=config["data"],
     log:
         f"{R}/logs/data.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd data prepare -c {CFG} --out {output} > {log} 2>&1"
+        "cascade-sd data prepare -c {params.cfg} --out {output} > {log} 2>&1"

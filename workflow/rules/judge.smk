@@ -6,6 +6,7 @@ rule train_judge:
         model=f"{R}/models/judge.pt",
         metrics=f"{R}/metrics/judge.json",
     params:
+        cfg=CFG,
         judge=config["judge"],
         seed=config["seed"],
     threads: config["threads"]
@@ -13,5 +14,7 @@ rule train_judge:
         f"{R}/logs/train_judge.log",
     benchmark:
         f"{R}/benchmarks/train_judge.tsv"
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd train judge -c {CFG} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+        "cascade-sd train judge -c {params.cfg} --out {output.model} --metrics {output.metrics} > {log} 2>&1"

@@ -13,6 +13,7 @@ rule generate_vanilla:
         images=f"{R}/samples/vanilla/seed{{seed}}/images.npz",
         stats=f"{R}/samples/vanilla/seed{{seed}}/stats.json",
     params:
+        cfg=CFG,
         sample=config["sample"],
         out_dir=lambda wc: f"{R}/samples/vanilla/seed{wc.seed}",
     threads: config["threads"]
@@ -20,8 +21,10 @@ rule generate_vanilla:
         f"{R}/logs/generate_vanilla_seed{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/generate_vanilla_seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd generate -c {CFG} --tokenizer {input.tokenizer} --target {input.target}"
+        "cascade-sd generate -c {params.cfg} --tokenizer {input.tokenizer} --target {input.target}"
         " --out-dir {params.out_dir} --seed {wildcards.seed} > {log} 2>&1"
 
 
@@ -34,12 +37,15 @@ rule evaluate_vanilla:
     output:
         f"{R}/eval/vanilla_seed{{seed}}.json",
     params:
+        cfg=CFG,
         samples=lambda wc: f"{R}/samples/vanilla/seed{wc.seed}",
     threads: config["threads"]
     log:
         f"{R}/logs/evaluate_vanilla_seed{{seed}}.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd evaluate -c {CFG} --samples {params.samples} --judge {input.judge} --out {output} > {log} 2>&1"
+        "cascade-sd evaluate -c {params.cfg} --samples {params.samples} --judge {input.judge} --out {output} > {log} 2>&1"
 
 
 rule summary:
@@ -53,6 +59,8 @@ rule summary:
         report(f"{R}/summary.md", caption="../report/summary.rst", category="Summary"),
     log:
         f"{R}/logs/summary.log",
+    conda:
+        "../../environment.yml"
     shell:
         "cascade-sd summarize --tokenizer {input.tokenizer} --target {input.target} --judge {input.judge}"
         " --out {output} {input.evals} > {log} 2>&1"

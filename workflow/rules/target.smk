@@ -7,6 +7,7 @@ rule train_target:
         model=f"{R}/models/target.pt",
         metrics=f"{R}/metrics/target.json",
     params:
+        cfg=CFG,
         target=config["target"],
         seed=config["seed"],
     threads: config["threads"]
@@ -14,6 +15,8 @@ rule train_target:
         f"{R}/logs/train_target.log",
     benchmark:
         f"{R}/benchmarks/train_target.tsv"
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd train target -c {CFG} --tokens {input.tokens} --tokenizer {input.tokenizer}"
+        "cascade-sd train target -c {params.cfg} --tokens {input.tokens} --tokenizer {input.tokenizer}"
         " --out {output.model} --metrics {output.metrics} > {log} 2>&1"

@@ -6,6 +6,7 @@ rule train_tokenizer:
         model=f"{R}/models/tokenizer.pt",
         metrics=f"{R}/metrics/tokenizer.json",
     params:
+        cfg=CFG,
         tokenizer=config["tokenizer"],
         seed=config["seed"],
     threads: config["threads"]
@@ -13,8 +14,10 @@ rule train_tokenizer:
         f"{R}/logs/train_tokenizer.log",
     benchmark:
         f"{R}/benchmarks/train_tokenizer.tsv"
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd train tokenizer -c {CFG} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+        "cascade-sd train tokenizer -c {params.cfg} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule tokenize:
@@ -23,10 +26,14 @@ rule tokenize:
         tokenizer=rules.train_tokenizer.output.model,
     output:
         f"{R}/data/tokens.npz",
+    params:
+        cfg=CFG,
     threads: config["threads"]
     log:
         f"{R}/logs/tokenize.log",
     benchmark:
         f"{R}/benchmarks/tokenize.tsv"
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd tokenize -c {CFG} --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"
+        "cascade-sd tokenize -c {params.cfg} --tokenizer {input.tokenizer} --out {output} > {log} 2>&1"

@@ -3,8 +3,11 @@ rule mlflow_init:
     output:
         f"{R}/mlflow/parent.json",
     params:
+        cfg=CFG,
         experiment=config["mlflow"]["experiment"],
     log:
         f"{R}/logs/mlflow_init.log",
+    conda:
+        "../../environment.yml"
     shell:
-        "cascade-sd track init -c {CFG} > {log} 2>&1"
+        "cascade-sd track init -c {params.cfg} > {log} 2>&1"

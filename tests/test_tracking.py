@@ -1,0 +1,89 @@
+"""MLflow conventions: init job, child runs with params/tags/metrics/artifacts, failure status."""
+
+import json
+import multiprocessing as mp
+
+import pytest
+
+from cascade_sd.tracking import child_run, flatten, init_tracking
+
+
+def _job(results: str, i: int) -> None:
+    with child_run(results, f"job{i}", params={"i": i, "nested": {"a": i}}, seed=i) as run:
+        run.metrics({"value": float(i), "skip": "text"})
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # One database for the module: creating MLflow's schema takes seconds.
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path_factory.mktemp("results")
+    init_tracking(path, "exp", {"seed": 0, "target": {"dim": 8}})
+    yield path
+    mp.undo()
+
+
+def _runs(results):
+    import mlflow
+
+    info = json.loads((results / "mlflow" / "parent.json").read_text())
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    return info, mlflow.search_runs(experiment_ids=[info["experiment_id"]], output_format="list")
+
+
+def test_init_writes_parent_and_sqlite(results):
+    info, runs = _runs(results)
+    assert info["tracking_uri"].startswith("sqlite:///") and (results / "mlflow" / "mlflow.db").is_file()
+    parent = [r for r in runs if r.info.run_id == info["parent_run_id"]]
+    assert len(parent) == 1 and parent[0].data.tags["cascade_sd.role"] == "parent"
+    assert parent[0].data.params["target.dim"] == "8"
+    assert parent[0].data.tags["git_sha"]
+
+
+def test_parallel_child_runs_all_logged(results):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_job, args=(str(results), i)) for i in range(4)]  # 16 in the workflow issue
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    info, runs = _runs(results)
+    children = [r for r in runs if r.data.tags.get("cascade_sd.job", "").startswith("job")]
+    assert all(r.data.tags["mlflow.parentRunId"] == info["parent_run_id"] for r in children)
+    assert sorted(r.data.tags["cascade_sd.job"] for r in children) == ["job0", "job1", "job2", "job3"]
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert r.data.metrics["value"] == float(r.data.params["i"])
+        assert r.data.params["nested.a"] == r.data.params["i"]
+        assert "skip" not in r.data.metrics
+        assert {"git_sha", "version.torch", "hardware.cores", "seed"} <= set(r.data.tags)
+
+
+def test_failed_job_is_marked_failed(results):
+    with pytest.raises(RuntimeError):
+        with child_run(results, "boom"):
+            raise RuntimeError("x")
+    _, runs = _runs(results)
+    assert [r.info.status for r in runs if r.data.tags.get("cascade_sd.job") == "boom"] == ["FAILED"]
+
+
+def test_artifacts_are_copied(results, tmp_path_factory):
+    f = tmp_path_factory.mktemp("a") / "grid.txt"
+    f.write_text("hello")
+    with child_run(results, "art") as run:
+        run.artifact(f)
+    _, runs = _runs(results)
+    run = next(r for r in runs if r.data.tags.get("cascade_sd.job") == "art")
+    assert (results / "mlflow" / "artifacts" / run.info.run_id / "artifacts" / "grid.txt").read_text() == "hello"
+
+
+def test_no_parent_means_tracking_off(tmp_path):
+    with child_run(tmp_path, "job") as run:
+        run.metrics({"x": 1.0})
+    assert not (tmp_path / "mlflow" / "mlflow.db").exists()
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
