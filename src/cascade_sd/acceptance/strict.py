@@ -1,0 +1,40 @@
+"""The strict (lossless) rule (DESIGN 4.2): speculative sampling over a draft tree.
+
+Point-mass candidate x: accept with p_j(x); residual = p_j without x, renormalised.
+Sampled candidate x ~ q_j: accept with min(1, p_j(x)/q_j(x)); residual norm(max(p_j − q_j, 0));
+next proposal q_j without x, renormalised (sampling without replacement). The induced law of
+every node is p exactly, for any tree (Leviathan et al. 2023; SpecInfer's multi-candidate form).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, gather, normalise, remove_token
+
+
+class StrictRule(AcceptanceRule):
+    """Lossless verification; declares a per-node TV bound of exactly 0."""
+
+    name = "strict"
+    declares_bound = True
+
+    def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
+        """p_j(x) for point masses, min(1, p_j(x)/q_j(x)) for sampled candidates."""
+        px = gather(state.p, x)
+        if state.q is None:
+            return px
+        qx = gather(state.q, x)
+        # A token the proposal cannot produce was never drawn; it is never accepted.
+        return torch.where(qx > 0, (px / qx.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(px))
+
+    def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
+        """Strict residual; the proposal loses x (sampling without replacement)."""
+        if state.q is None:
+            return NodeState(p=normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p), q=None)
+        residual = normalise((state.p - state.q).clamp_min(0.0), state.p)
+        return NodeState(p=residual, q=remove_token(state.q, x))
+
+    def tv_bound(self, p: torch.Tensor, q: torch.Tensor | None, ctx: NodeContext) -> torch.Tensor:
+        """Strict is exact: the bound is 0."""
+        return torch.zeros(p.shape[:-1], dtype=p.dtype)

@@ -1,0 +1,314 @@
+"""The speculative decoding engine (DESIGN 3): draft → verify in one target forward → walk → commit.
+
+Conventions. Token index j = 0..N−1 over the grid. The target's output for token j (the input one
+position earlier) gives the law p_j and the feature H_j. The drafter's input at token j is
+(H_j, t_j) and predicts q for token j+1; deeper draft steps feed the drafter's own output.
+A round starts with m committed tokens; the root is t_{m−1} (committed, not yet seen by the
+target). The target sees the root and all T drafted nodes in one forward; accepted nodes'
+KV entries are compacted into place (no recompute) and the bonus token becomes the next root.
+
+Batching: every row keeps its own committed length m and its own slots (per-row positions,
+slots and masks); rows that finish early ride along as padding until the batch is done — that
+cost is reported as ``padding_fraction``. The drafter's entries for committed tokens are
+always computed from real target features in the next round's catch-up forward, so its cache
+needs no compaction. With CFG both streams ride in one batch ([cond rows; uncond rows]).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cascade_sd.acceptance.base import AcceptanceRule
+from cascade_sd.decoding.processing import SamplingParams, sample_from_law, target_law
+from cascade_sd.decoding.tree import DraftTree, DynamicTreeSpec, StaticTree
+from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, with_null_condition
+from cascade_sd.decoding.verify import walk_tree
+from cascade_sd.metrics.speed import RoundStats
+
+
+@dataclass
+class _Round:
+    """Per-round tensors the engine passes between phases."""
+
+    q_root: torch.Tensor
+    h_root: torch.Tensor
+
+
+class SpeculativeEngine:
+    """One implementation of tree speculative decoding for any target, drafter, rule and tree."""
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        drafter: torch.nn.Module,
+        rule: AcceptanceRule,
+        tree: StaticTree | DynamicTreeSpec,
+        params: SamplingParams,
+        *,
+        profile: bool = False,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.rule = rule
+        self.tree = tree
+        self.params = params
+        self.profile = profile
+        self.reps = 2 if params.uses_cfg else 1
+        self.device = next(target.parameters()).device
+
+    # ------------------------------------------------------------------ helpers
+    def _rep(self, x: torch.Tensor) -> torch.Tensor:
+        """Repeat rows for the CFG streams."""
+        return torch.cat([x] * self.reps, 0) if self.reps > 1 else x
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, key: str, fn, *args, **kwargs):
+        """Run a model call, adding its (synchronised, if profiling) duration to the round stats."""
+        if self.profile:
+            self._sync()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if self.profile:
+            self._sync()
+        self.stats.model_seconds[key] += time.perf_counter() - start
+        self.stats.forwards[key] += 1
+        return out
+
+    def _law(self, logits: torch.Tensor) -> torch.Tensor:
+        """Processed law (CFG, temperature, top-k/p) in float64 from [cond; uncond] logits."""
+        return target_law(logits, self.params, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ drafting
+    def _drafter_step(self, h, tokens, positions, slots, mask):
+        return self._timed("drafter", self.drafter.step, h, self._rep(tokens), positions=self._rep(positions),
+                           slots=self._rep(slots), attn_mask=self._rep(mask))
+
+    def _tree_drafter_mask(self, m: torch.Tensor, anc: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """Drafter mask for drafted ``nodes``: committed slots < m plus scratch slots of ancestors-or-self."""
+        b = m.shape[0]
+        s = self.drafter_slots
+        keys = torch.arange(s, device=self.device)
+        mask = (keys[None, None, :] < m[:, None, None]).expand(b, len(nodes), s).clone()
+        scratch = anc[:, nodes, 1:]  # [B, L, T]: ancestors among drafted nodes (root is committed)
+        mask[:, :, self.n_tokens : self.n_tokens + scratch.shape[-1]] = scratch
+        return mask
+
+    def _draft_static(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor, gen) -> DraftTree:
+        tree: StaticTree = self.tree
+        b, v = rnd.q_root.shape
+        n1 = tree.size + 1
+        tokens = torch.zeros(b, n1, dtype=torch.long, device=self.device)
+        tokens[:, 0] = root_tok
+        q = torch.zeros(b, n1, v, dtype=torch.float64, device=self.device)
+        q[:, 0] = rnd.q_root
+        h = torch.zeros(rnd.h_root.shape[0], n1, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=self.device)
+        h[:, 0] = rnd.h_root
+        valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
+        parent, depth = self.static_parent, self.static_depth
+        anc = self.static_anc.expand(b, n1, n1)
+        for d in range(1, tree.depth + 1):
+            nodes = self.static_levels[d]
+            par = parent[nodes]
+            uniq, where = torch.unique(par, return_inverse=True)
+            # Children of one node: a without-replacement sample from q in rank order (Gumbel top-k).
+            logq = q[:, uniq].log()
+            u = torch.rand(logq.shape, generator=gen, dtype=torch.float64, device=self.device).clamp_min(1e-300)
+            keys = logq - (-u.log()).log()
+            kmax = int(self.static_rank[nodes].max()) + 1
+            top_keys, top_tok = keys.topk(kmax, dim=-1)
+            rank = self.static_rank[nodes]
+            tokens[:, nodes] = top_tok[:, where, rank]
+            valid[:, nodes] = valid[:, par] & torch.isfinite(top_keys[:, where, rank])
+            if d < tree.depth:
+                pos = (self.cls + m - 1 + d)[:, None].expand(b, len(nodes)).clamp(max=self.max_pos)
+                slots = (self.n_tokens + nodes - 1)[None, :].expand(b, len(nodes))
+                logits, h_out = self._drafter_step(h[:, par], tokens[:, nodes], pos, slots,
+                                                   self._tree_drafter_mask(m, anc, nodes))
+                q[:, nodes] = self._law(logits)
+                h[:, nodes] = h_out
+        children = self.static_children.expand(b, -1, -1).clone()
+        kid_ok = valid.gather(1, children.clamp_min(0).flatten(1)).view_as(children)
+        children = torch.where(kid_ok & (children >= 0), children, torch.full_like(children, -1))
+        return DraftTree(tokens=tokens, parent=parent.expand(b, n1), depth=depth.expand(b, n1), children=children,
+                         q=q, sampled=True)
+
+    def _draft_dynamic(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor) -> DraftTree:
+        spec: DynamicTreeSpec = self.tree
+        k, dmax = spec.top_k, spec.depth
+        b, v = rnd.q_root.shape
+        cap = k * dmax
+        tok = torch.zeros(b, cap, dtype=torch.long, device=self.device)
+        par = torch.full((b, cap), -1, dtype=torch.long, device=self.device)  # storage index, −1 = root
+        score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=self.device)
+        qs = torch.zeros(b, cap, v, dtype=torch.float64, device=self.device)
+        hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=self.device)
+        anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=self.device)  # index 0 = root
+        vals, idx = rnd.q_root.topk(k, dim=-1)
+        tok[:, :k], score[:, :k] = idx, vals.log()
+        rows = torch.arange(b, device=self.device)
+        for i in range(k):
+            anc[:, i + 1, 0] = anc[:, i + 1, i + 1] = True
+        for d in range(1, dmax):
+            lo, hi = (d - 1) * k, d * k
+            front = torch.arange(lo, hi, device=self.device)
+            ph = self._rep(par[:, front])  # storage index of each frontier node's parent, −1 = root
+            gathered = torch.gather(hs, 1, ph.clamp_min(0)[..., None].expand(-1, -1, hs.shape[-1]))
+            h_in = torch.where((ph >= 0)[..., None], gathered, rnd.h_root[:, None].expand_as(gathered))
+            pos = (self.cls + m - 1 + d)[:, None].expand(b, k).clamp(max=self.max_pos)
+            slots = (self.n_tokens + front)[None, :].expand(b, k)
+            mask = torch.zeros(b, k, self.drafter_slots, dtype=torch.bool, device=self.device)
+            mask[:] = torch.arange(self.drafter_slots, device=self.device)[None, None, :] < m[:, None, None]
+            mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[:, front + 1, 1:]
+            logits, h_out = self._drafter_step(h_in, tok[:, front], pos, slots, mask)
+            qf = self._law(logits)
+            qs[:, front], hs[:, front] = qf, h_out
+            cv, ci = qf.topk(k, dim=-1)
+            cand = (score[:, front, None] + cv.log()).flatten(1)
+            best, pick = cand.topk(k, dim=-1)
+            new = torch.arange(hi, hi + k, device=self.device)
+            tok[:, new] = ci.flatten(1).gather(1, pick)
+            par[:, new] = front[pick // k]
+            score[:, new] = best
+            for node in new.tolist():
+                anc[:, node + 1] = anc[rows, par[:, node] + 1]
+                anc[:, node + 1, node + 1] = True
+        # EAGLE-2 rerank: keep the total_tokens − 1 best by cumulative log q (stable: shallower first on ties,
+        # so the selection is ancestor-closed), then lay them out in storage (= BFS) order.
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : spec.size]
+        keep = torch.sort(order, dim=-1).values
+        new_index = torch.zeros(b, cap, dtype=torch.long, device=self.device)
+        new_index.scatter_(1, keep, torch.arange(1, spec.size + 1, device=self.device).expand(b, -1))
+        kept_par = par.gather(1, keep)
+        parent = torch.cat([torch.full((b, 1), -1, device=self.device),
+                            torch.where(kept_par >= 0, new_index.gather(1, kept_par.clamp_min(0)), torch.zeros_like(kept_par))], 1)
+        tokens = torch.cat([root_tok[:, None], tok.gather(1, keep)], 1)
+        depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=self.device), keep // k + 1], 1)
+        q = torch.cat([rnd.q_root[:, None], qs.gather(1, keep[..., None].expand(-1, -1, v))], 1)
+        return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
+                         q=q, sampled=False)
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> DecodeResult:
+        """Generate the full token grid for each condition in ``cond`` ([B] labels)."""
+        target, drafter = self.target, self.drafter
+        cfg = target.config
+        self.cls, self.n_tokens = cfg.cls_token_num, cfg.block_size
+        self.max_pos = cfg.cls_token_num + cfg.block_size - 1
+        t_nodes = self.tree.size
+        n, cls, dev = self.n_tokens, self.cls, self.device
+        b = cond.shape[0]
+        self.stats = RoundStats()
+        if isinstance(self.tree, StaticTree):
+            self._prepare_static()
+        start = time.perf_counter()
+        streams = with_null_condition(target, cond.to(dev), self.params)
+        t_slots = cls + n + t_nodes
+        target.setup_cache(streams.shape[0], t_slots, device=dev)
+        # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
+        scratch = t_nodes if isinstance(self.tree, StaticTree) else self.tree.top_k * self.tree.depth
+        self.drafter_slots = n + scratch + 1
+        trash = self.drafter_slots - 1
+        drafter.setup_cache(streams.shape[0], self.drafter_slots, device=dev)
+        if hasattr(drafter, "begin"):
+            drafter.begin(streams)
+        layers = getattr(drafter, "needs_layers", False)
+
+        pos = torch.arange(cls, device=dev)
+        out = self._timed("target", target.step, target.embed_cond(streams), positions=pos, slots=pos,
+                          attn_mask=causal_mask(0, cls, t_slots, dev), return_hidden=True, return_layers=layers)
+        tokens = torch.zeros(b, n, dtype=torch.long, device=dev)
+        tokens[:, 0] = sample_from_law(self._law(out.logits[:, -1]), generator)
+        feats = drafter.target_features(out)[:, -1:]
+        m = torch.ones(b, dtype=torch.long, device=dev)
+        pend_len = torch.ones(b, dtype=torch.long, device=dev)
+        rows = torch.arange(b, device=dev)
+        rows_r = torch.arange(streams.shape[0], device=dev)
+        while bool((m < n).any()):
+            round_start = time.perf_counter()
+            active = m < n
+            # 1. Drafter catch-up over the tokens committed last round, from real target features.
+            width = feats.shape[1]
+            j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
+            ok = (torch.arange(width, device=dev)[None] < pend_len[:, None]) & active[:, None]
+            slots = torch.where(ok, j, torch.full_like(j, trash))
+            keys = torch.arange(self.drafter_slots, device=dev)
+            mask = ((keys[None, None] <= j[..., None]) & ok[..., None]) | (~ok[..., None] & (keys == trash)[None, None])
+            logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (cls + j).clamp(max=self.max_pos),
+                                           slots, mask)
+            last = (pend_len - 1).clamp_min(0)
+            rnd = _Round(q_root=self._law(logits[rows_r, self._rep(last)]), h_root=h[rows_r, self._rep(last)])
+            root_tok = tokens[rows, (m - 1).clamp(max=n - 1)]
+            # 2. Draft tree.
+            if isinstance(self.tree, StaticTree):
+                tree = self._draft_static(rnd, root_tok, m, generator)
+            else:
+                tree = self._draft_dynamic(rnd, root_tok, m)
+            # 3. One target forward over root + drafted nodes (tree attention, depth-based positions).
+            n1 = t_nodes + 1
+            base = cls + m - 1
+            t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
+            t_slot = base[:, None] + torch.arange(n1, device=dev)
+            t_mask = torch.arange(t_slots, device=dev)[None, None].expand(b, n1, t_slots) < base[:, None, None]
+            t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
+            out = self._timed("target", target.step, target.embed_tokens(self._rep(tree.tokens)),
+                              positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
+                              return_hidden=True, return_layers=layers)
+            p = self._law(out.logits)
+            # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
+            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0))
+            a = torch.where(active, walk.accepted, torch.zeros_like(walk.accepted))
+            depth_cap = walk.path.shape[1] - 1
+            # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
+            steps = torch.arange(depth_cap + 1, device=dev)
+            path_tok = tree.tokens.gather(1, walk.path.clamp_min(0))
+            new_tok = torch.where(steps[None] == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))
+            write = (steps[None] <= a[:, None]) & active[:, None]
+            idx = (m[:, None] + steps[None]).clamp(max=n - 1)
+            r, c = write.nonzero(as_tuple=True)
+            tokens[r, idx[r, c]] = new_tok[r, c]
+            k_steps = steps[1:]
+            src = base[:, None] + walk.path[:, 1:].clamp_min(0)
+            dst = base[:, None] + k_steps[None]
+            moving = k_steps[None] <= a[:, None]
+            noop = torch.full_like(src, t_slots - 1)
+            target.copy_cache(self._rep(torch.where(moving, src, noop)), self._rep(torch.where(moving, dst, noop)))
+            width = int(a.max()) + 1
+            feat_all = drafter.target_features(out)
+            pick = self._rep(walk.path[:, :width].clamp_min(0))
+            feats = feat_all.gather(1, pick[..., None].expand(-1, -1, feat_all.shape[-1]))
+            self.stats.record_round(a[active], time.perf_counter() - round_start, active_rows=int(active.sum()), batch=b)
+            m = torch.where(active, m + a + 1, m)
+            pend_len = torch.where(active, a + 1, torch.zeros_like(a))
+        seconds = time.perf_counter() - start
+        return DecodeResult(tokens=tokens, stats=self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n))
+
+    def _prepare_static(self) -> None:
+        tree: StaticTree = self.tree
+        dev = self.device
+        self.static_parent = tree.parent.to(dev)
+        self.static_depth = tree.node_depth.to(dev)
+        self.static_children = tree.children.to(dev)
+        self.static_rank = torch.tensor([0] + [p[-1] for p in tree.paths], device=dev)
+        self.static_levels = {d: torch.nonzero(self.static_depth == d).squeeze(-1) for d in range(1, tree.depth + 1)}
+        one = DraftTree(tokens=torch.zeros(1, tree.size + 1, dtype=torch.long), parent=tree.parent[None],
+                        depth=tree.node_depth[None], children=tree.children[None], q=torch.zeros(1, 1, 1), sampled=True)
+        self.static_anc = one.ancestor_mask().to(dev)
+
+
+def _children_from_parent(parent: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, T+1, width] children lists (in node order, −1 padded) from a per-row parent array."""
+    b, n1 = parent.shape
+    onehot = torch.nn.functional.one_hot(parent[:, 1:].clamp_min(0), n1) & (parent[:, 1:] >= 0)[..., None]
+    rank = (onehot.cumsum(1) * onehot).sum(-1) - 1  # sibling rank of each node
+    children = torch.full((b, n1, width), -1, dtype=torch.long, device=parent.device)
+    nodes = torch.arange(1, n1, device=parent.device).expand(b, -1)
+    children[torch.arange(b, device=parent.device)[:, None], parent[:, 1:].clamp_min(0), rank] = nodes
+    return children

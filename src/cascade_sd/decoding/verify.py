@@ -1,0 +1,112 @@
+"""Walk a verified draft tree with an acceptance rule (DESIGN 3 "engine round", 4.1).
+
+Pure function of the tree, the target laws at its nodes and a generator: from the root, try the
+children of the current node in sibling order; an accepted child becomes the current node; when
+every child is rejected (or at a leaf, or at the row's depth limit) the bonus token is drawn from
+the rule's final law. Vectorised over the batch: every row walks its own tree at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState
+from cascade_sd.decoding.processing import sample_from_law
+from cascade_sd.decoding.tree import DraftTree
+
+ContextFn = Callable[[int, torch.Tensor, torch.Tensor], NodeContext]
+
+
+@dataclass
+class WalkResult:
+    """Accepted node indices per row ([B, D+1], root first, −1 padded), counts, bonus token."""
+
+    path: torch.Tensor
+    accepted: torch.Tensor
+    bonus: torch.Tensor
+    last_node: torch.Tensor
+
+
+def _where_state(cond: torch.Tensor, a: NodeState, b: NodeState) -> NodeState:
+    c = cond.unsqueeze(-1)
+    q = None if a.q is None else torch.where(c, a.q, b.q)
+    return NodeState(p=torch.where(c, a.p, b.p), q=q)
+
+
+def _draw(mask: torch.Tensor, law: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from ``law`` only for rows in ``mask``, writing into a copy of ``out``."""
+    idx = mask.nonzero().squeeze(-1)
+    out = out.clone()
+    out[idx] = sample_from_law(law[idx], generator)
+    return out
+
+
+def walk_tree(
+    rule: AcceptanceRule,
+    tree: DraftTree,
+    p: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    max_accept: torch.Tensor | None = None,
+    context: ContextFn | None = None,
+) -> WalkResult:
+    """Verify ``tree`` against target laws ``p`` [B, T+1, V] (float64); see module docstring.
+
+    ``max_accept`` [B] caps the accepted depth per row (rows near the end of the grid).
+    ``context(depth, current_node, rows)`` supplies a NodeContext to context-aware rules.
+    """
+    batch, n_nodes, vocab = p.shape
+    rows = torch.arange(batch)
+    max_depth = int(tree.depth.max())
+    limit = max_accept if max_accept is not None else torch.full((batch,), max_depth)
+    cur = torch.zeros(batch, dtype=torch.long)
+    active = torch.ones(batch, dtype=torch.bool)
+    accepted = torch.zeros(batch, dtype=torch.long)
+    path = torch.full((batch, max_depth + 1), -1, dtype=torch.long)
+    path[:, 0] = 0
+    bonus = torch.zeros(batch, dtype=torch.long)
+    width = tree.children.shape[-1]
+    for depth in range(1, max_depth + 1):
+        ctx = context(depth, cur, rows) if context else NodeContext(depth=depth)
+        kids = tree.children[rows, cur]
+        walking = active & (kids[:, 0] >= 0) & (accepted < limit)
+        # Rows at a leaf or at their limit emit the bonus token from the fresh node law.
+        stop = active & ~walking
+        if stop.any():
+            fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
+            bonus = _draw(stop, fresh, bonus, generator)
+            active &= ~stop
+        if not walking.any():
+            break
+        state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
+        took = torch.zeros(batch, dtype=torch.bool)
+        rejected = torch.zeros(batch, vocab, dtype=torch.bool)
+        for k in range(width):
+            node = kids[:, k]
+            x = tree.tokens[rows, node.clamp_min(0)]
+            dup = rejected[rows, x]  # DESIGN 4.1: a sibling equal to a rejected one is skipped
+            valid = walking & ~took & (node >= 0) & ~dup
+            if not valid.any():
+                continue
+            a = rule.accept_prob(state, x, ctx)
+            coin = torch.rand(batch, generator=generator, dtype=a.dtype)
+            acc = valid & (coin < a)
+            rej = valid & ~acc
+            cur = torch.where(acc, node, cur)
+            took |= acc
+            state = _where_state(rej, rule.reject(state, x, ctx), state)
+            rejected[rows, x] |= rej
+        fail = walking & ~took
+        if fail.any():
+            bonus = _draw(fail, rule.bonus_law(state, ctx), bonus, generator)
+            active &= ~fail
+        accepted += took.long()
+        path[:, depth] = torch.where(took, cur, path[:, depth])
+    if active.any():
+        ctx = context(max_depth + 1, cur, rows) if context else NodeContext(depth=max_depth + 1)
+        fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
+        bonus = _draw(active, fresh, bonus, generator)
+    return WalkResult(path=path, accepted=accepted, bonus=bonus, last_node=cur)
