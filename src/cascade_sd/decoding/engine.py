@@ -122,7 +122,10 @@ class SpeculativeEngine:
             u = torch.rand(logq.shape, generator=gen, dtype=torch.float64, device=self.device).clamp_min(1e-300)
             keys = logq - (-u.log()).log()
             kmax = int(self.static_rank[nodes].max()) + 1
+            if kmax > v:  # more ranks than tokens: the surplus children can never be drawn
+                keys = torch.cat([keys, keys.new_full((*keys.shape[:-1], kmax - v), float("-inf"))], -1)
             top_keys, top_tok = keys.topk(kmax, dim=-1)
+            top_tok = top_tok.clamp(max=v - 1)
             rank = self.static_rank[nodes]
             tokens[:, nodes] = top_tok[:, where, rank]
             valid[:, nodes] = valid[:, par] & torch.isfinite(top_keys[:, where, rank])

@@ -26,7 +26,7 @@ class ToySpec:
     dim: int = 16
     layers: int = 1
     heads: int = 2
-    scale: float = 3.0
+    scale: float = 0.5
 
     @classmethod
     def parse(cls, spec: str) -> "ToySpec":
@@ -56,7 +56,7 @@ class ToySpec:
     def gpt_config(self) -> GPTConfig:
         """The GPT config of this toy target (1-row grid of ``len`` tokens)."""
         return GPTConfig(
-            dim=self.dim, n_layer=self.layers, n_head=self.heads, vocab_size=self.vocab, block_size=self.len,
+            dim=self.dim, n_layer=self.layers, n_head=self.heads, multiple_of=8, vocab_size=self.vocab, block_size=self.len,
             grid_width=self.len, num_classes=self.classes, cls_token_num=1, token_dropout_p=0.0,
             resid_dropout_p=0.0, ffn_dropout_p=0.0, attn_dropout_p=0.0, class_dropout_prob=0.0,
         )

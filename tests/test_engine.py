@@ -1,0 +1,163 @@
+"""The speculative engine with the strict rule: exact output law, greedy equivalence, oracle
+drafter, cache consistency, degenerate laws, batching statistics."""
+
+import itertools
+
+import pytest
+import torch
+from scipy import stats
+
+from cascade_sd.acceptance import get_rule
+from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.processing import SamplingParams, target_law
+from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
+from cascade_sd.decoding.vanilla import causal_mask, vanilla_decode, with_null_condition
+from cascade_sd.models.drafters.oracle import OracleDrafter
+from cascade_sd.models.toy import toy_target
+
+TREES = {
+    "chain-3": StaticTree.preset("chain-3"),
+    "tree-25": StaticTree.preset("tree-25"),
+    "dynamic": DynamicTreeSpec(top_k=2, depth=3, total_tokens=6),
+}
+# For the sampled-law test: branching at every depth, small enough for 60 000 rows per decode.
+BRANCHY = StaticTree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)), "branchy-8")
+LAW_TREES = {"chain-3": TREES["chain-3"], "branchy-8": BRANCHY, "dynamic": TREES["dynamic"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def exact_joint(model, label: int, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """Exact law of whole sequences from uncached forwards of every prefix (DESIGN 3's p)."""
+    cfg = model.config
+    seqs = list(itertools.product(range(cfg.vocab_size), repeat=cfg.block_size))
+    toks = torch.tensor(seqs)
+    cond = with_null_condition(model, torch.full((len(seqs),), label), params)
+    reps = cond.shape[0] // len(seqs)
+    logits = model(cond, torch.cat([toks[:, :-1]] * reps)).logits
+    p = target_law(logits.double(), params)
+    probs = p.gather(-1, toks[..., None]).squeeze(-1).prod(-1)
+    return dict(zip(seqs, probs.tolist()))
+
+
+def bundle(seed: int, vocab: int = 3, length: int = 4):
+    target = toy_target(f"toy:vocab={vocab},len={length},seed={seed}")
+    # An independent random model as drafter: q differs from p everywhere.
+    drafter = OracleDrafter(toy_target(f"toy:vocab={vocab},len={length},seed={seed + 100}"))
+    return target, drafter
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(LAW_TREES))
+@pytest.mark.parametrize(
+    "params", [SamplingParams(cfg_scale=2.0, top_k=2), SamplingParams(cfg_scale=1.5, top_p=0.8, temperature=1.3)],
+    ids=["cfg-topk", "cfg-topp-temp"],
+)
+def test_strict_decode_samples_the_exact_joint_law(tree, params):
+    """Chi-square against the enumerated joint law. With n = 60 000 samples over ≤ 81 cells, a
+    deviation of TV = 0.02 has noncentrality ≥ n·(2·TV)² = 96 (Cauchy–Schwarz), so it is caught
+    at level 1e-3 with probability > 0.99; the seed makes the test deterministic."""
+    target, drafter = bundle(seed=3)
+    law = exact_joint(target, 1, params)
+    n = 60_000
+    engine = SpeculativeEngine(target, drafter, get_rule("strict"), LAW_TREES[tree], params)
+    res = engine.decode(torch.ones(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    hist = res.stats["accept_histogram"]
+    assert len(hist) == 3 and min(hist) > 50  # 0, 1 and 2 accepted drafts all occur: the walk is exercised
+    seqs = list(law)
+    index = {s: i for i, s in enumerate(seqs)}
+    flat = res.tokens @ torch.tensor([3**k for k in reversed(range(4))])
+    lookup = torch.tensor([index[s] for s in itertools.product(range(3), repeat=4)])
+    counts = torch.bincount(lookup[flat], minlength=len(seqs)).double()
+    expected = torch.tensor([law[s] for s in seqs], dtype=torch.float64) * n
+    support = expected > 0
+    assert counts[~support].sum() == 0, "emitted a sequence the target law excludes"
+    chi2 = stats.chisquare(counts[support], expected[support] * counts[support].sum() / expected[support].sum())
+    assert chi2.pvalue > 1e-3, (chi2, 0.5 * (counts / n - expected / n).abs().sum())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_greedy_equals_vanilla_greedy(tree, cfg_scale):
+    target = toy_target("toy:vocab=13,len=20,seed=5,layers=2,dim=32,heads=4")
+    drafter = OracleDrafter(toy_target("toy:vocab=13,len=20,seed=6,layers=2,dim=32,heads=4"))
+    params = SamplingParams(temperature=0.0, cfg_scale=cfg_scale)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    spec = SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(labels)
+    assert torch.equal(spec.tokens, vanilla_decode(target, labels, params).tokens)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", ["chain-3", "tree-25"])
+def test_drafter_equal_to_target_accepts_every_draft(tree):
+    target = toy_target("toy:vocab=9,len=24,seed=2,dim=32,heads=4")
+    engine = SpeculativeEngine(target, OracleDrafter(target), get_rule("strict"), TREES[tree], SamplingParams(cfg_scale=2.0))
+    res = engine.decode(torch.tensor([0, 1, 0]), torch.Generator().manual_seed(1))
+    depth = TREES[tree].depth
+    hist = res.stats["accept_histogram"]
+    # Every round accepts the full depth except where the grid's end caps it.
+    assert sum(hist[:depth]) <= 3 * depth and hist[depth] > 0
+    assert res.stats["mean_accepted_length"] > depth
+
+
+@torch.no_grad()
+def test_degenerate_logits_give_deterministic_outcomes():
+    """A target whose every law is a point mass: any drafter, any seed → the same tokens."""
+    target = toy_target("toy:vocab=6,len=10,seed=7")
+    with torch.no_grad():
+        target.output.weight.mul_(1e4)
+    drafter = OracleDrafter(toy_target("toy:vocab=6,len=10,seed=8"))
+    params = SamplingParams()
+    labels = torch.tensor([0, 1])
+    ref = vanilla_decode(target, labels, SamplingParams(temperature=0.0)).tokens
+    for seed in range(3):
+        for tree in TREES.values():
+            out = SpeculativeEngine(target, drafter, get_rule("strict"), tree, params).decode(
+                labels, torch.Generator().manual_seed(seed))
+            assert torch.equal(out.tokens, ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+def test_target_cache_equals_fresh_forward_after_rounds(tree):
+    """After decoding, the compacted KV cache holds exactly what a fresh forward over the
+    accepted sequence computes (checked through the logits of a further step)."""
+    target = toy_target("toy:vocab=9,len=16,seed=4,layers=2,dim=32,heads=4")
+    drafter = OracleDrafter(toy_target("toy:vocab=9,len=16,seed=9,layers=2,dim=32,heads=4"))
+    params = SamplingParams(cfg_scale=2.0)
+    labels = torch.tensor([1, 0, 1])
+    res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(
+        labels, torch.Generator().manual_seed(3))
+    n, cls = target.config.block_size, target.config.cls_token_num
+    # Slots cls .. cls+n-2 hold tokens 0..n-2 for both streams; compare with a fresh forward.
+    cond = with_null_condition(target, labels, params)
+    fresh = target(cond, torch.cat([res.tokens[:, :-1]] * 2))
+    cached_k = target.layers[-1].attention.k_cache[:, :, : cls + n - 1].clone()
+    target.setup_cache(cond.shape[0], cls + n)
+    pos = torch.arange(cls + n - 1)
+    x = torch.cat([target.embed_cond(cond), target.embed_tokens(torch.cat([res.tokens[:, :-1]] * 2))], 1)
+    out = target.step(x, positions=pos, slots=pos, attn_mask=causal_mask(0, cls + n - 1, cls + n))
+    assert torch.allclose(target.layers[-1].attention.k_cache[:, :, : cls + n - 1], cached_k, atol=1e-5)
+    assert torch.allclose(out.logits[:, cls - 1 :], fresh.logits, atol=1e-5)
+
+
+@torch.no_grad()
+def test_statistics_are_consistent():
+    target, drafter = bundle(seed=11, vocab=5, length=12)
+    res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES["tree-25"], SamplingParams()).decode(
+        torch.tensor([0, 1, 1, 0]), torch.Generator().manual_seed(0))
+    s = res.stats
+    hist = s["accept_histogram"]
+    assert sum(hist) == s["rounds"]
+    # Every image: 1 prefill token + Σ over its rounds of (a + 1) = 12 tokens.
+    assert sum((a + 1) * c for a, c in enumerate(hist)) == 4 * (12 - 1)
+    assert s["mean_accepted_length"] == pytest.approx(4 * 11 / s["rounds"])
+    assert s["target_forwards"] == s["batched_rounds"] + 1
+    assert 0 <= s["padding_fraction"] < 1 and 0 <= s["engine_overhead_fraction"] <= 1
