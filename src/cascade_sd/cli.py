@@ -143,6 +143,122 @@ def summarize(
     typer.echo(_summarize(tokenizer, target, judge, evals, out))
 
 
+def _parse_labels(labels: Optional[str], per_class: Optional[int], classes: int) -> list[int]:
+    if labels and per_class:
+        raise CascadeError("give either --labels or --per-class, not both")
+    if labels:
+        try:
+            return [int(x) for x in labels.split(",") if x.strip()]
+        except ValueError:
+            raise CascadeError(f"labels={labels!r} is not a comma-separated list of integers") from None
+    return [c for c in range(classes) for _ in range(per_class or 1)]
+
+
+def _rule_params(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CascadeError(f"--param {pair!r} must look like name=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("decode")
+def decode_cmd(
+    bundle: str = typer.Option(..., help="bundle folder (results/models) or toy spec 'toy:vocab=5,len=3,seed=0'"),
+    out_dir: Path = typer.Option(..., help="folder for tokens.npz, stats.json (and grid.png with a tokenizer)"),
+    method: str = typer.Option("strict", help="'vanilla' or an acceptance rule (see `cascade-sd rules`)"),
+    tree: str = typer.Option("tree-57", help="chain-N, tree-25, tree-57 or dynamic"),
+    drafter: str = typer.Option("eagle", help="drafter name in the bundle (eagle, eagle3, ...)"),
+    labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
+    per_class: Optional[int] = typer.Option(None, min=1, help="images per class (default 1)"),
+    seed: int = typer.Option(0, min=0),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    cfg_scale: float = typer.Option(1.0),
+    tree_top_k: int = typer.Option(10, help="dynamic tree: children per expanded node"),
+    depth: int = typer.Option(5, help="dynamic tree: draft depth"),
+    total_tokens: str = typer.Option("60", help="dynamic tree: nodes incl. root, or 'auto'"),
+    param: list[str] = typer.Option([], "--param", help="rule parameter name=value (repeatable)"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Decode images with any method, tree and drafter; writes tokens, stats and a grid."""
+    from cascade_sd import api
+    from cascade_sd.io import atomic_savez, atomic_write_json
+
+    b = api.load_bundle(bundle, device=device)
+    lab = _parse_labels(labels, per_class, b.target.config.num_classes)
+    total = total_tokens if total_tokens == "auto" else int(total_tokens)
+    res = api.decode(b, lab, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature, top_k=top_k,
+                     top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
+                     **_rule_params(param))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=torch_tensor_list(lab))
+    if b.tokenizer is not None:
+        from cascade_sd.imaging import save_grid
+        from cascade_sd.jobs import decode_to_images
+
+        save_grid(decode_to_images(b.tokenizer, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(lab), 10))
+    atomic_write_json(out_dir / "stats.json", res.stats)
+    typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
+
+
+def torch_tensor_list(values: list[int]):
+    """Labels as a numpy array for npz output."""
+    import numpy as np
+
+    return np.asarray(values, dtype=np.int64)
+
+
+@app.command("bench")
+def bench_cmd(
+    bundle: str = typer.Option(..., help="bundle folder or toy spec"),
+    batch_sizes: str = typer.Option("1,16"),
+    trees: str = typer.Option("chain-4,tree-25,tree-57,dynamic"),
+    drafters: Optional[str] = typer.Option(None, help="comma-separated (default: all in the bundle)"),
+    method: str = typer.Option("strict"),
+    repeats: int = typer.Option(3, min=1),
+    seed: int = typer.Option(0, min=0),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    cfg_scale: float = typer.Option(1.0),
+    tree_top_k: int = typer.Option(10),
+    depth: int = typer.Option(5),
+    total_tokens: str = typer.Option("60"),
+    param: list[str] = typer.Option([], "--param", help="rule parameter name=value (repeatable)"),
+    threads: Optional[int] = typer.Option(None, min=1),
+    device: str = typer.Option("cpu"),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the rows"),
+) -> None:
+    """Vanilla and speculative variants in one process (warm, medians): τ, tokens/s, speedup, cost model."""
+    import torch
+
+    from cascade_sd import api
+    from cascade_sd.bench import format_table, run_bench
+    from cascade_sd.io import atomic_write_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    b = api.load_bundle(bundle, device=device)
+    rows = run_bench(
+        b, batch_sizes=[int(x) for x in batch_sizes.split(",")], trees=trees.split(","),
+        drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, seed=seed,
+        sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
+        tree_options={"tree_top_k": tree_top_k, "depth": depth,
+                      "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
+        rule_params=_rule_params(param),
+    )
+    if out:
+        atomic_write_json(out, rows)
+    typer.echo(format_table(rows))
+
+
 @app.command("doctor")
 def doctor(config: Optional[Path] = ConfigOpt) -> None:
     """Print versions, threads, device, whether the dataset is found, and the MLflow URI."""

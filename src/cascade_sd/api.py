@@ -1,0 +1,180 @@
+"""Public Python API: load a bundle, decode with any method/tree/drafter, read the target law.
+
+A *bundle* is a target with its drafters (and, for trained bundles, the tokenizer and judge):
+either a folder written by the workflow (``results/models``) or a toy spec such as
+``"toy:vocab=5,len=3,seed=0"`` (toy target + randomly initialised EAGLE drafters).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascade_sd.acceptance import RULES, get_rule
+from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.processing import SamplingParams, target_law
+from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
+from cascade_sd.decoding.vanilla import DecodeResult, vanilla_decode, with_null_condition
+from cascade_sd.errors import CheckpointError, ConfigError, check_choice
+from cascade_sd.models.drafters import ARCHS, create_drafter, load_drafter
+from cascade_sd.models.gpt import GPT, load_gpt
+from cascade_sd.models.toy import ToySpec, toy_target
+
+BUNDLE_FILES = {"target": "target.pt", "tokenizer": "tokenizer.pt", "judge": "judge.pt"}
+
+
+def drafter_file(arch: str, redundancy_weight: float = 1.0) -> str:
+    """File name of a drafter inside a bundle folder (``drafter-eagle.pt``, ``drafter-eagle-rw2.pt``)."""
+    suffix = "" if redundancy_weight == 1.0 else f"-rw{redundancy_weight:g}"
+    return f"drafter-{arch}{suffix}.pt"
+
+
+@dataclass
+class Bundle:
+    """A target, its drafters by name, and optionally the tokenizer and judge it came with."""
+
+    name: str
+    target: GPT
+    target_hash: str
+    drafters: dict[str, torch.nn.Module] = field(default_factory=dict)
+    tokenizer: Any = None
+    judge: Any = None
+
+    def drafter(self, name: str) -> torch.nn.Module:
+        """The drafter called ``name``; a one-line error lists what the bundle has."""
+        check_choice("drafter", name, self.drafters)
+        return self.drafters[name]
+
+
+def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle folder or build a toy bundle from ``toy:...``; checks drafters belong to the target."""
+    device = torch.device(device)
+    if str(spec).startswith("toy"):
+        toy = ToySpec.parse(str(spec))
+        target = toy_target(toy).to(device)
+        from cascade_sd.models.drafters import target_hash
+
+        digest = target_hash(target)
+        drafters = {}
+        for i, arch in enumerate(ARCHS):
+            with torch.random.fork_rng():  # seeded random drafter weights, caller's RNG untouched
+                torch.manual_seed(toy.seed * 1000 + i + 1)
+                drafters[arch] = create_drafter(target, arch, target_hash=digest).eval()
+        return Bundle(name=str(spec), target=target, target_hash=digest, drafters=drafters)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise ConfigError(f"bundle={str(spec)!r} is neither a bundle folder nor a toy spec ('toy:vocab=V,len=N,seed=S')")
+    target_path = folder / BUNDLE_FILES["target"]
+    if not target_path.is_file():
+        raise CheckpointError(f"bundle {folder}: no {BUNDLE_FILES['target']} (train the target first)")
+    target, ckpt = load_gpt(target_path)
+    bundle = Bundle(name=str(folder), target=target.to(device), target_hash=ckpt.hash)
+    for path in sorted(folder.glob("drafter-*.pt")):
+        drafter, _ = load_drafter(path, target_hash=ckpt.hash)
+        bundle.drafters[path.stem.removeprefix("drafter-")] = drafter.to(device)
+    if (folder / BUNDLE_FILES["tokenizer"]).is_file():
+        from cascade_sd.jobs import load_pair
+
+        bundle.tokenizer, _ = load_pair(folder / BUNDLE_FILES["tokenizer"], target_path)
+        bundle.target = bundle.target.to(device)
+    if (folder / BUNDLE_FILES["judge"]).is_file():
+        from cascade_sd.models.judge import load_judge
+
+        bundle.judge, _ = load_judge(folder / BUNDLE_FILES["judge"])
+    return bundle
+
+
+def make_tree(tree: str, *, tree_top_k: int = 10, depth: int = 5, total_tokens: int | str = 60) -> StaticTree | DynamicTreeSpec:
+    """A static preset (``chain-N``, ``tree-25``, ``tree-57``) or ``dynamic`` with its settings."""
+    if tree == "dynamic":
+        if total_tokens == "auto":
+            raise ConfigError("total_tokens='auto' must be resolved with cascade_sd.api.auto_total_tokens first")
+        return DynamicTreeSpec(top_k=tree_top_k, depth=depth, total_tokens=int(total_tokens))
+    return StaticTree.preset(tree)
+
+
+def _labels(labels: Any, target: GPT) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= target.config.num_classes)]
+    if bad.numel():
+        raise ConfigError(f"labels: {int(bad[0])} is out of range; allowed 0..{target.config.num_classes - 1}")
+    return labels
+
+
+def decode(
+    bundle: Bundle,
+    labels: Any,
+    *,
+    method: str = "strict",
+    tree: str = "tree-57",
+    drafter: str = "eagle",
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    tree_top_k: int = 10,
+    depth: int = 5,
+    total_tokens: int | str = 60,
+    profile: bool = False,
+    **rule_params: Any,
+) -> DecodeResult:
+    """Decode one image per label; ``method="vanilla"`` is plain AR decoding, otherwise a rule name.
+
+    Everything is validated (one-line errors) before any compute starts.
+    """
+    check_choice("method", method, ["vanilla", *RULES])
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    labels = _labels(labels, bundle.target).to(next(bundle.target.parameters()).device)
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    if method == "vanilla":
+        if rule_params:
+            raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
+        return vanilla_decode(bundle.target, labels, params, generator=gen)
+    rule = get_rule(method, **rule_params)
+    if tree == "dynamic" and total_tokens == "auto":
+        total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
+    shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
+    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile)
+    result = engine.decode(labels, gen)
+    result.stats |= {"method": method, "tree": tree, "drafter": drafter, "total_tokens": total_tokens
+                     if tree == "dynamic" else shape.size + 1}
+    return result
+
+
+@torch.no_grad()
+def next_token_law(
+    bundle: Bundle, labels: Any, prefix: Any, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
+    """The target law p (DESIGN 3) of the next token after ``prefix`` [B, m] for each row, float64 [B, V]."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    target = bundle.target
+    labels = _labels(labels, target)
+    prefix = torch.as_tensor(prefix, dtype=torch.long).reshape(labels.shape[0], -1)
+    cond = with_null_condition(target, labels, params)
+    logits = target(cond, torch.cat([prefix] * (cond.shape[0] // labels.shape[0]))).logits[:, -1]
+    return target_law(logits.double(), params)
+
+
+def auto_total_tokens(
+    bundle: Bundle, *, drafter: str, tree_top_k: int, depth: int, params: SamplingParams,
+    candidates: tuple[int, ...] = (8, 16, 24, 32, 48, 60), batch: int = 1, seed: int = 0,
+) -> int:
+    """EAGLE's auto-tuning idea: the dynamic-tree size with the best measured throughput here."""
+    labels = torch.zeros(batch, dtype=torch.long, device=next(bundle.target.parameters()).device)
+    best, best_rate = candidates[0], 0.0
+    limit = tree_top_k + (depth - 1) * tree_top_k**2 + 1
+    for total in (c for c in candidates if c <= limit):
+        engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), get_rule("strict"),
+                                   DynamicTreeSpec(tree_top_k, depth, total), params)
+        engine.decode(labels, torch.Generator(device=labels.device).manual_seed(seed))  # warm-up
+        rate = engine.decode(labels, torch.Generator(device=labels.device).manual_seed(seed)).stats["tokens_per_second"]
+        if rate > best_rate:
+            best, best_rate = total, rate
+    return best
