@@ -18,6 +18,13 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 1 else t
 
 
+def _without(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The draw law after ``x`` was drawn: ``law`` without x, renormalised (zeros when exhausted)."""
+    out = law.scatter(-1, x.unsqueeze(-1), 0.0)
+    total = out.sum(-1, keepdim=True)
+    return torch.where(total > 0, out / total.clamp_min(1e-300), torch.zeros_like(out))
+
+
 def _take(state: NodeState, idx: torch.Tensor) -> NodeState:
     return NodeState(p=state.p[idx], q=None if state.q is None else state.q[idx])
 
@@ -36,6 +43,8 @@ def induced_law(
 
     ``sampled=True``: ``n_candidates`` siblings drawn from q without replacement (fewer if q's
     support is smaller); ``sampled=False``: q's top ``n_candidates`` tokens as point masses.
+    The draw probabilities follow the drafter's sampling (q without the earlier siblings),
+    independently of whatever proposal the rule's state carries, as in the engine.
     """
     p, q = _as_rows(p), _as_rows(q)
     ctx = context or NodeContext(depth=depth)
@@ -52,26 +61,26 @@ def induced_law(
             weight = weight * (1 - a)
             state = rule.reject(state, xs, ctx)
         return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)
+    draw = q.clone()
     for _ in range(n_candidates):
         m = weight.shape[0]
         rows = torch.arange(m).repeat_interleave(vocab)
         xs = torch.arange(vocab).repeat(m)
-        expanded = _take(state, rows)
-        draw = expanded.q.gather(-1, xs.unsqueeze(-1)).squeeze(-1)
-        reach = weight[rows] * draw
+        reach = weight[rows] * draw[rows, xs]
         live = reach > 0
-        # Branches whose proposal is exhausted go straight to the bonus token.
-        exhausted = state.q.sum(-1) <= 0
+        # Branches whose draw law is exhausted go straight to the bonus token.
+        exhausted = draw.sum(-1) <= 0
         law += (weight[exhausted].unsqueeze(-1) * rule.bonus_law(_take(state, exhausted), ctx)).sum(0)
         if not live.any():
             return law
-        rows, xs, reach, expanded = rows[live], xs[live], reach[live], _take(expanded, live)
+        rows, xs, reach = rows[live], xs[live], reach[live]
+        expanded = _take(state, rows)
         a = rule.accept_prob(expanded, xs, ctx)
         law.index_add_(0, xs, reach * a)
         weight = reach * (1 - a)
-        state = rule.reject(expanded, xs, ctx)
+        state, draw = rule.reject(expanded, xs, ctx), _without(draw[rows], xs)
         keep = weight > 0
-        weight, state = weight[keep], _take(state, keep)
+        weight, state, draw = weight[keep], _take(state, keep), draw[keep]
         if weight.numel() == 0:
             return law
     return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)
