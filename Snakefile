@@ -21,6 +21,7 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/target.smk"
 include: "workflow/rules/judge.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/drafter.smk"
 
 
 rule all:
@@ -28,4 +29,5 @@ rule all:
         expand(f"{R}/samples/vanilla/seed{{seed}}/grid.png", seed=config["sample"]["seeds"]),
         expand(f"{R}/eval/vanilla_seed{{seed}}.json", seed=config["sample"]["seeds"]),
         f"{R}/summary.md",
+        expand(f"{R}/models/drafter-{{arch}}.pt", arch=config["drafter"]["archs"]),
     default_target: True

@@ -87,6 +87,33 @@ def train_judge(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(...
     typer.echo(json.dumps(train_judge_job(_config(config), out, metrics), indent=1))
 
 
+@train_app.command("drafter")
+def train_drafter(
+    config: Optional[Path] = ConfigOpt,
+    arch: str = typer.Option(..., help="eagle (EAGLE-1/2) or eagle3 (EAGLE-3)"),
+    target: Path = typer.Option(...),
+    distill: Path = typer.Option(..., help="self-distill data from `cascade-sd distill`"),
+    out: Path = typer.Option(...),
+    metrics: Path = typer.Option(...),
+    redundancy_weight: float = typer.Option(1.0, help="CASCADE's redundancy weight w (1 = off)"),
+) -> None:
+    """Train a drafter; reports top-1 agreement and mean accepted length on held-out target sequences."""
+    from cascade_sd.errors import check_choice
+    from cascade_sd.jobs import train_drafter_job
+
+    check_choice("arch", arch, ("eagle", "eagle3"))
+    typer.echo(json.dumps(train_drafter_job(_config(config), arch, target, distill, out, metrics,
+                                            redundancy_weight=redundancy_weight), indent=1))
+
+
+@app.command("distill")
+def distill(config: Optional[Path] = ConfigOpt, target: Path = typer.Option(...), out: Path = typer.Option(...)) -> None:
+    """Self-distillation data for drafter training (target samples and features), cached on disk."""
+    from cascade_sd.jobs import distill_job
+
+    typer.echo(json.dumps(distill_job(_config(config), target, out)))
+
+
 @app.command("tokenize")
 def tokenize(config: Optional[Path] = ConfigOpt, tokenizer: Path = typer.Option(...), out: Path = typer.Option(...)) -> None:
     """Tokenise the whole dataset once and cache the codes."""

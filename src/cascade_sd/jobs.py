@@ -263,3 +263,49 @@ def summarize(tokenizer: Path, target: Path, judge: Path, evals: list[Path], out
 
     atomic_write_text(out, text)
     return text
+
+
+def distill_job(config: dict[str, Any], target_path: Path, out: Path) -> dict[str, Any]:
+    """Self-distillation data for the drafters: target samples (CFG as configured) and their features."""
+    from cascade_sd.train.drafter import distill_data, save_distill
+
+    device = setup_runtime(config)
+    dc, sc = config["drafter"], config["sample"]
+    params = SamplingParams(temperature=sc["temperature"], top_k=sc["top_k"], top_p=sc["top_p"], cfg_scale=sc["cfg_scale"])
+    target, _ = load_gpt(target_path)
+    with child_run(config["results"], "distill", params={"drafter": dc, "sample": sc}, seed=config["seed"]) as run:
+        start = time.perf_counter()
+        data = distill_data(target.to(device), dc["distill_per_class"], params, seed=config["seed"] + 1,
+                            batch_size=dc["distill_batch_size"], with_layers=True)
+        save_distill(out, data)
+        info = {"sequences": data.n_sequences, "streams": data.n_streams, "seconds": time.perf_counter() - start}
+        run.metrics(info)
+    return info
+
+
+def train_drafter_job(
+    config: dict[str, Any], arch: str, target_path: Path, distill: Path, out: Path, metrics_out: Path,
+    *, redundancy_weight: float = 1.0,
+) -> dict[str, Any]:
+    """Train an ``arch`` drafter on the cached self-distill data; reports agreement and chain τ."""
+    from cascade_sd.models.drafters import save_drafter
+    from cascade_sd.train.drafter import load_distill, train_drafter
+
+    device = setup_runtime(config)
+    dc = config["drafter"]
+    target, ckpt = load_gpt(target_path)
+    data = load_distill(distill, expect_target_hash=ckpt.hash)
+    name = f"train_drafter_{arch}" + ("" if redundancy_weight == 1.0 else f"_rw{redundancy_weight:g}")
+    with child_run(config["results"], name, params={"drafter": dc, "arch": arch, "redundancy_weight": redundancy_weight},
+                   seed=config["seed"]) as run:
+        drafter, metrics = train_drafter(
+            target.to(device), data, arch, steps=dc["steps"], batch_size=dc["batch_size"], lr=dc["lr"],
+            seed=config["seed"], max_seconds=dc["max_seconds"], unroll=dc["unroll"] if arch == "eagle3" else 1,
+            redundancy_weight=redundancy_weight, on_log=_log_progress(run),
+        )
+        metrics = metrics | {"arch": arch, "redundancy_weight": redundancy_weight}
+        metrics["checkpoint_hash"] = save_drafter(out, drafter.cpu(), extra={"metrics": metrics, "target_hash": ckpt.hash})
+        atomic_write_json(metrics_out, metrics)
+        run.metrics(metrics)
+        run.artifact(metrics_out)
+    return metrics

@@ -37,8 +37,11 @@ TTT_DECAY = 0.8
 # EAGLE-1's training config: AdamW betas (0.9, 0.95), gradient clipping at 0.5.
 ADAM_BETAS = (0.9, 0.95)
 GRAD_CLIP = 0.5
+# Linear warm-up over this share of the cosine horizon (EAGLE warms up too; short CPU runs need a short one).
 WARMUP_FRACTION = 0.05
+# Depth of the greedy chain whose accepted length evaluate_drafter reports.
 CHAIN_DEPTH = 4
+# Rows per batch of the [N, N] cosine matrices behind the redundancy flags (bounds memory).
 _SIM_CHUNK = 256
 
 
@@ -74,7 +77,8 @@ class DistillData:
         """Raise ``error`` in one line unless the arrays' shapes and dtypes agree."""
         S, N = self.tokens.shape if self.tokens.dim() == 2 else (-1, -1)
         if S < 1 or N < 2 or self.tokens.dtype != torch.long:
-            raise error(f"{where}: tokens must be int64 [S>=1, N>=2], got {self.tokens.dtype} {tuple(self.tokens.shape)}")
+            raise error(f"{where}: tokens must be int64 [S>=1, N>=2], got {self.tokens.dtype} "
+                        f"{tuple(self.tokens.shape)}")
         if self.labels.shape != (S,):
             raise error(f"{where}: labels must be [{S}], got {tuple(self.labels.shape)}")
         C = 2 if self.params.uses_cfg else 1
@@ -182,7 +186,9 @@ def load_distill(path: str | os.PathLike, expect_target_hash: str | None) -> Dis
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"distill data {path}: corrupt or truncated file ({type(exc).__name__}: {msg[:120]})") from None
+        raise CheckpointError(
+            f"distill data {path}: corrupt or truncated file ({type(exc).__name__}: {msg[:120]})"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != DISTILL_FORMAT:
         raise CheckpointError(f"distill data {path}: not a {DISTILL_FORMAT} file")
     if expect_target_hash is not None and obj["target_hash"] != expect_target_hash:
@@ -200,7 +206,7 @@ def load_distill(path: str | os.PathLike, expect_target_hash: str | None) -> Dis
 
 
 def redundancy_flags(features: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool [..., N] from features [..., N, D] (one sequence per leading index): ∃ j > i with cos(f_i, f_j) > threshold."""
+    """Bool [..., N] from features [..., N, D] (one sequence per leading index): ∃ j > i, cos(f_i, f_j) > threshold."""
     f = F.normalize(features.float(), dim=-1)
     n = f.shape[-2]
     later = torch.ones(n, n, dtype=torch.bool, device=f.device).triu(1)
@@ -261,24 +267,26 @@ def unrolled(
     Step 0 reads (feats_j, t_j) at position cls+j (T = feats.shape[1] anchors). Step k feeds the
     drafter's own ĥ from step k−1 with token ``next_tokens(k, logits of step k−1)`` [B, T] at position
     cls+j+k (EAGLE-3's training-time test; clamped to the grid for anchors past its end, whose outputs
-    callers ignore). Each step re-runs the earlier blocks under ``chain_mask`` (one layer, so cheap).
+    callers ignore). Block k goes through the cached ``step`` under ``chain_mask``; the cache is grown
+    out of place (``extend_cache``) so gradients flow through every block's keys. Reallocates the
+    drafter's KV cache.
     """
     B, T, _ = feats.shape
     last = drafter.config.block_size - 1
     anchors = torch.arange(T, device=feats.device)
     cls = drafter.config.cls_token_num
-    hs, toks, pos = [feats], [tokens[:, :T]], [anchors + cls]
+    mask = chain_mask(T, T, depth - 1, device=feats.device)
+    drafter.setup_cache(B, T)
+    h, tok = feats, tokens[:, :T]
     out: list[torch.Tensor] = []
     for k in range(depth):
-        if k == 0:
-            h = drafter.features(feats, tokens[:, :T])
-        else:
-            hs.append(h)
-            toks.append(next_tokens(k, out[-1]))
-            pos.append((anchors + k).clamp(max=last) + cls)
-            mask = chain_mask(T, T, k, device=feats.device)[None]
-            h = drafter.features(torch.cat(hs, 1), torch.cat(toks, 1), positions=torch.cat(pos), attn_mask=mask)[:, k * T:]
-        out.append(drafter.head(h))
+        if k:
+            drafter.extend_cache(T)
+            tok = next_tokens(k, out[-1])
+        rows = slice(k * T, (k + 1) * T)
+        logits, h = drafter.step(h, tok, positions=(anchors + k).clamp(max=last) + cls,
+                                 slots=anchors + k * T, attn_mask=mask[None, rows, : (k + 1) * T])
+        out.append(logits)
     return out
 
 
@@ -316,7 +324,8 @@ def drafter_loss(
         logits, h_out = drafter(feats, tokens[:, :T])
         dist = (weights[:, 1:] * _soft_ce(logits, p)).mean()
         feat = F.smooth_l1_loss(h_out.float(), hidden[:, 1:].float())
-        return FEATURE_LOSS_WEIGHT * feat + DIST_LOSS_WEIGHT * dist, {"feature_loss": float(feat.detach()), "dist_loss": float(dist.detach())}
+        parts = {"feature_loss": float(feat.detach()), "dist_loss": float(dist.detach())}
+        return FEATURE_LOSS_WEIGHT * feat + DIST_LOSS_WEIGHT * dist, parts
     idx = torch.arange(T, device=tokens.device)
     steps = unrolled(drafter, feats, tokens, min(unroll, T), lambda k, _: tokens[:, (idx + k).clamp(max=T)])
     total = torch.zeros((), device=tokens.device)
@@ -462,7 +471,8 @@ def train_drafter(
     own_hash = target_hash(target)
     if data.target_hash != own_hash:
         raise CheckpointError(
-            f"distill data was made by target {data.target_hash[:12]}, but this target is {own_hash[:12]}; regenerate it"
+            f"distill data was made by target {data.target_hash[:12]}, but this target is {own_hash[:12]}; "
+            "regenerate it"
         )
     if arch == "eagle3" and data.layers is None:
         raise DataError("distill data holds no target layers; eagle3 needs data made with with_layers=True")
@@ -476,7 +486,8 @@ def train_drafter(
     # Row r = (sequence r // C, stream r % C); redundancy flags from each row's own target features.
     flat_hidden = data.hidden.flatten(0, 1)
     flat_layers = None if data.layers is None else data.layers.flatten(0, 1)
-    flags = torch.cat([redundancy_flags(chunk, redundancy_threshold).float() for chunk in flat_hidden.split(_SIM_CHUNK)])
+    flags = torch.cat([redundancy_flags(chunk, redundancy_threshold).float()
+                       for chunk in flat_hidden.split(_SIM_CHUNK)])
     weights = 1.0 + (redundancy_weight - 1.0) * flags
     train_rows = (train_seqs[:, None] * C + torch.arange(C)).flatten()
 

@@ -109,7 +109,7 @@ class DrafterConfig:
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < c.n_layer]
             if bad:
                 raise ConfigError(
-                    f"target_layers={layers!r} is out of range; allowed indices 0..{c.n_layer - 1} of the target's layers"
+                    f"target_layers={layers!r} is out of range; allowed indices 0..{c.n_layer - 1} (target layers)"
                 )
         else:
             layers = () if target_layers is None else tuple(target_layers)
@@ -248,6 +248,19 @@ class Drafter(nn.Module):
         shape = (max_batch_size, gpt_cfg.kv_heads, max_seq_len, gpt_cfg.head_dim)
         attn.k_cache = torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device)
         attn.v_cache = torch.zeros_like(attn.k_cache)
+
+    def extend_cache(self, n: int) -> None:
+        """Append ``n`` zeroed slots to the cache out of place, so k/v written earlier keep their autograd history.
+
+        Training-time test grows one chain block per step this way: the keys of earlier blocks carry
+        gradients and must not be overwritten in place.
+        """
+        self._require_cache(1)
+        attn = self.layer.attention
+        k = attn.k_cache
+        pad = k.new_zeros(k.shape[0], k.shape[1], n, k.shape[3])
+        attn.k_cache = torch.cat([k, pad], dim=2)
+        attn.v_cache = torch.cat([attn.v_cache, pad], dim=2)
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:
