@@ -159,5 +159,5 @@ class DraftTree:
         # Parents precede children (BFS order), so one pass in node order closes the relation.
         for i in range(1, n):
             par = self.parent[:, i]
-            mask[:, i] |= mask[torch.arange(batch), par]
+            mask[:, i] |= mask[torch.arange(batch, device=par.device), par]
         return mask

@@ -59,15 +59,16 @@ def walk_tree(
     ``context(depth, current_node, rows)`` supplies a NodeContext to context-aware rules.
     """
     batch, n_nodes, vocab = p.shape
-    rows = torch.arange(batch)
+    dev = p.device
+    rows = torch.arange(batch, device=dev)
     max_depth = int(tree.depth.max())
-    limit = max_accept if max_accept is not None else torch.full((batch,), max_depth)
-    cur = torch.zeros(batch, dtype=torch.long)
-    active = torch.ones(batch, dtype=torch.bool)
-    accepted = torch.zeros(batch, dtype=torch.long)
-    path = torch.full((batch, max_depth + 1), -1, dtype=torch.long)
+    limit = max_accept if max_accept is not None else torch.full((batch,), max_depth, device=dev)
+    cur = torch.zeros(batch, dtype=torch.long, device=dev)
+    active = torch.ones(batch, dtype=torch.bool, device=dev)
+    accepted = torch.zeros(batch, dtype=torch.long, device=dev)
+    path = torch.full((batch, max_depth + 1), -1, dtype=torch.long, device=dev)
     path[:, 0] = 0
-    bonus = torch.zeros(batch, dtype=torch.long)
+    bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
     for depth in range(1, max_depth + 1):
         ctx = context(depth, cur, rows) if context else NodeContext(depth=depth)
@@ -82,8 +83,8 @@ def walk_tree(
         if not walking.any():
             break
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
-        took = torch.zeros(batch, dtype=torch.bool)
-        rejected = torch.zeros(batch, vocab, dtype=torch.bool)
+        took = torch.zeros(batch, dtype=torch.bool, device=dev)
+        rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
         for k in range(width):
             node = kids[:, k]
             x = tree.tokens[rows, node.clamp_min(0)]
@@ -92,7 +93,7 @@ def walk_tree(
             if not valid.any():
                 continue
             a = rule.accept_prob(state, x, ctx)
-            coin = torch.rand(batch, generator=generator, dtype=a.dtype)
+            coin = torch.rand(batch, generator=generator, dtype=a.dtype, device=dev)
             acc = valid & (coin < a)
             rej = valid & ~acc
             cur = torch.where(acc, node, cur)
