@@ -35,7 +35,9 @@ class TokenCache:
 def tokenize_images(vq: VQModel, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """uint8 images [N,C,H,W] -> int16 codes [N, h*w] (raster order), in eval mode, batched."""
     if vq.config.codebook_size - 1 > _INT16_MAX:
-        raise ConfigError(f"vq.codebook_size={vq.config.codebook_size} is too large for int16 codes; allowed [1, {_INT16_MAX + 1}]")
+        raise ConfigError(
+            f"vq.codebook_size={vq.config.codebook_size} is too large for int16 codes; allowed [1, {_INT16_MAX + 1}]"
+        )
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise DataError("images must be a uint8 tensor [N, C, H, W]")
     if batch_size < 1:

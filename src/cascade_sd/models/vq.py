@@ -220,6 +220,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _mid_blocks(channels: int, cfg: VQConfig) -> nn.ModuleList:
+    """LlamaGen's ``mid`` stage: res, attn, res at constant width."""
+    return nn.ModuleList([ResnetBlock(channels, channels, cfg), AttnBlock(channels, cfg), ResnetBlock(channels, channels, cfg)])
+
+
 class Encoder(nn.Module):
     """LlamaGen encoder: conv_in, per-level res (+attn at the last level) and downsample, mid, out."""
 
@@ -244,7 +249,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 block.downsample = Downsample(block_in)
             self.conv_blocks.append(block)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, cfg), AttnBlock(block_in, cfg), ResnetBlock(block_in, block_in, cfg)])
+        self.mid = _mid_blocks(block_in, cfg)
         self.norm_out = _norm(block_in, cfg)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -273,7 +278,7 @@ class Decoder(nn.Module):
         self.num_res_blocks = cfg.dec_num_res_blocks
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in, cfg), AttnBlock(block_in, cfg), ResnetBlock(block_in, block_in, cfg)])
+        self.mid = _mid_blocks(block_in, cfg)
         # conv_blocks.0 is the coarsest level, as in LlamaGen's reversed(range(num_resolutions)).
         self.conv_blocks = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):

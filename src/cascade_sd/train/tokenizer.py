@@ -47,13 +47,10 @@ def _batches(images: torch.Tensor, batch_size: int, generator: torch.Generator) 
             yield _to_unit(images[perm[start : start + batch_size]])
 
 
-def _sample_rows(rows: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` random latent rows (without replacement when there are enough)."""
-    if rows.shape[0] >= n:
-        pick = torch.randperm(rows.shape[0], generator=generator)[:n]
-    else:
-        pick = torch.randint(rows.shape[0], (n,), generator=generator)
-    return rows[pick]
+def _sample_rows(rows: torch.Tensor, weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` latent rows drawn with probability proportional to ``weights`` (distinct when possible)."""
+    replacement = int((weights > 0).sum()) < n
+    return rows[torch.multinomial(weights, n, replacement=replacement, generator=generator)]
 
 
 @torch.no_grad()
@@ -101,15 +98,19 @@ def train_tokenizer(
     ``max_seconds`` seconds, whichever comes first; the same seed and step count give the same model.
 
     Codebook-usage tricks (training-time only; the inference maths is untouched):
-    - data-dependent init: the codebook rows are set to random (l2-normalised) encoder latents of
-      one batch before the first step, so every code starts inside the latent distribution;
+    - data-dependent init: before the first step the codebook rows are set to distinct random
+      (l2-normalised) encoder latents of random training images, so every code starts inside the
+      latent distribution;
     - dead-code re-seeding: after each step, codes not chosen by any latent of the last
-      ``dead_code_steps`` steps are replaced by random latents of the current batch and their
-      AdamW moments are reset (as in Jukebox / "restart dead codes" practice).
+      ``dead_code_steps`` steps are replaced by latents of the current batch drawn with probability
+      proportional to their squared quantisation error (k-means++ style, so well-served latents
+      such as the black background are not duplicated), and their AdamW moments are reset
+      (the "restart dead codes" practice of Jukebox and later VQ trainers).
     """
     _check_images("train_images", train_images, config)
     _check_images("test_images", test_images, config)
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every), ("dead_code_steps", dead_code_steps)):
+    positive = {"steps": steps, "batch_size": batch_size, "log_every": log_every, "dead_code_steps": dead_code_steps}
+    for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"tokenizer.{name}={value!r} is not allowed; must be a positive integer")
     check_range("tokenizer.lr", lr, 0.0, lo_open=True)
@@ -124,10 +125,13 @@ def train_tokenizer(
     codebook = model.quantize.embedding.weight
     vocab = config.codebook_size
 
-    batches = _batches(train_images, batch_size, generator)
+    # Four latents per code from random images (fewer only on tiny sets).
+    n_init = min(train_images.shape[0], max(batch_size, math.ceil(4 * vocab / config.grid_size**2)))
+    init_images = train_images[torch.randperm(train_images.shape[0], generator=generator)[:n_init]]
     with torch.no_grad():
-        init_rows = _lookup_rows(model, _latents(model, next(batches)))
-        codebook.copy_(_sample_rows(init_rows, vocab, generator))
+        init_rows = _lookup_rows(model, _latents(model, _to_unit(init_images)))
+        codebook.copy_(_sample_rows(init_rows, torch.ones(init_rows.shape[0]), vocab, generator))
+    batches = _batches(train_images, batch_size, generator)
 
     others = [p for name, p in model.named_parameters() if name != "quantize.embedding.weight"]
     optimizer = torch.optim.AdamW(
@@ -156,7 +160,9 @@ def train_tokenizer(
         n_dead = int(dead.sum())
         if n_dead:
             with torch.no_grad():
-                codebook[dead] = _sample_rows(_lookup_rows(model, z.detach()), n_dead, generator)
+                rows = _lookup_rows(model, z.detach())
+                error = (rows - model.quantize.codebook()[indices]).pow(2).sum(dim=1) + 1e-12
+                codebook[dead] = _sample_rows(rows, error, n_dead, generator)
             moments = optimizer.state.get(codebook, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in moments:
