@@ -10,6 +10,7 @@ kept in the drafter's state dict so that a drafter checkpoint is self-contained.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -121,7 +122,7 @@ class DrafterConfig:
         )
 
 
-class Drafter(nn.Module):
+class Drafter(nn.Module, ABC):
     """EAGLE drafter body with a cached ``step`` for decoding and an uncached ``forward`` for training."""
 
     arch: str = ""
@@ -151,13 +152,13 @@ class Drafter(nn.Module):
         """True when ``target_features`` reads per-layer outputs (call the target with return_layers=True)."""
         return False
 
+    @abstractmethod
     def target_features(self, out: GPTOutput) -> torch.Tensor:
         """The drafter's input feature [B, T, dim] from a target output (arch-specific)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, T, V] from drafter features (arch-specific: with or without a final norm)."""
-        raise NotImplementedError
 
     def input_feature(self, h: torch.Tensor) -> torch.Tensor:
         """The feature as it enters ``fc`` (identity here; EAGLE-3 norms it)."""
