@@ -143,56 +143,61 @@ class SpeculativeEngine:
                          q=q, sampled=True)
 
     def _draft_dynamic(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor) -> DraftTree:
+        """EAGLE-2: expand the top_k frontier by q's top_k each, keep every candidate, rerank at the end."""
         spec: DynamicTreeSpec = self.tree
         k, dmax = spec.top_k, spec.depth
         b, v = rnd.q_root.shape
-        cap = k * dmax
-        tok = torch.zeros(b, cap, dtype=torch.long, device=self.device)
-        par = torch.full((b, cap), -1, dtype=torch.long, device=self.device)  # storage index, −1 = root
-        score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=self.device)
-        qs = torch.zeros(b, cap, v, dtype=torch.float64, device=self.device)
-        hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=self.device)
-        anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=self.device)  # index 0 = root
+        dev = self.device
+        cap = spec.candidates
+        tok = torch.zeros(b, cap, dtype=torch.long, device=dev)
+        par = torch.full((b, cap), -1, dtype=torch.long, device=dev)  # storage index of the parent, −1 = root
+        score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=dev)
+        layer = torch.zeros(cap, dtype=torch.long, device=dev)
+        qs = torch.zeros(b, cap, v, dtype=torch.float64, device=dev)
+        hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=dev)
+        anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
+        anc[:, 0, 0] = True
+        rows = torch.arange(b, device=dev)[:, None]
         vals, idx = rnd.q_root.topk(k, dim=-1)
         tok[:, :k], score[:, :k] = idx, vals.log()
-        rows = torch.arange(b, device=self.device)
-        for i in range(k):
-            anc[:, i + 1, 0] = anc[:, i + 1, i + 1] = True
+        first = torch.arange(k, device=dev)
+        anc[:, first + 1, 0] = True
+        anc[:, first + 1, first + 1] = True
+        layer[:k] = 1
+        front = first.expand(b, k)  # storage indices of the frontier, per row
+        keys = torch.arange(self.drafter_slots, device=dev)
         for d in range(1, dmax):
-            lo, hi = (d - 1) * k, d * k
-            front = torch.arange(lo, hi, device=self.device)
-            ph = self._rep(par[:, front])  # storage index of each frontier node's parent, −1 = root
+            ph = self._rep(par.gather(1, front))
             gathered = torch.gather(hs, 1, ph.clamp_min(0)[..., None].expand(-1, -1, hs.shape[-1]))
             h_in = torch.where((ph >= 0)[..., None], gathered, rnd.h_root[:, None].expand_as(gathered))
             pos = (self.cls + m - 1 + d)[:, None].expand(b, k).clamp(max=self.max_pos)
-            slots = (self.n_tokens + front)[None, :].expand(b, k)
-            mask = torch.zeros(b, k, self.drafter_slots, dtype=torch.bool, device=self.device)
-            mask[:] = torch.arange(self.drafter_slots, device=self.device)[None, None, :] < m[:, None, None]
-            mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[:, front + 1, 1:]
-            logits, h_out = self._drafter_step(h_in, tok[:, front], pos, slots, mask)
+            mask = (keys[None, None, :] < m[:, None, None]).expand(b, k, self.drafter_slots).clone()
+            mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[rows, front + 1, 1:]
+            logits, h_out = self._drafter_step(h_in, tok.gather(1, front), pos, self.n_tokens + front, mask)
             qf = self._law(logits)
-            qs[:, front], hs[:, front] = qf, h_out
+            qs[rows, front], hs[self._rep(rows), self._rep(front)] = qf, h_out
             cv, ci = qf.topk(k, dim=-1)
-            cand = (score[:, front, None] + cv.log()).flatten(1)
-            best, pick = cand.topk(k, dim=-1)
-            new = torch.arange(hi, hi + k, device=self.device)
-            tok[:, new] = ci.flatten(1).gather(1, pick)
-            par[:, new] = front[pick // k]
-            score[:, new] = best
-            for node in new.tolist():
-                anc[:, node + 1] = anc[rows, par[:, node] + 1]
-                anc[:, node + 1, node + 1] = True
-        # EAGLE-2 rerank: keep the total_tokens − 1 best by cumulative log q (stable: shallower first on ties,
-        # so the selection is ancestor-closed), then lay them out in storage (= BFS) order.
+            lo = k + (d - 1) * k * k
+            new = torch.arange(lo, lo + k * k, device=dev)
+            tok[:, new] = ci.flatten(1)
+            par[:, new] = front.repeat_interleave(k, dim=1)
+            score[:, new] = (score.gather(1, front)[..., None] + cv.log()).flatten(1)
+            layer[new] = d + 1
+            anc[rows, new + 1] = anc[rows, par[:, new] + 1]
+            anc[:, new + 1, new + 1] = True
+            front = new[score[:, new].topk(k, dim=-1).indices]
+        # EAGLE-2 rerank: keep the total_tokens − 1 best by cumulative log q (stable: parents, stored
+        # earlier with a score ≥ their children's, win ties, so the selection is ancestor-closed),
+        # then lay them out in storage (= breadth-first) order.
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : spec.size]
         keep = torch.sort(order, dim=-1).values
-        new_index = torch.zeros(b, cap, dtype=torch.long, device=self.device)
-        new_index.scatter_(1, keep, torch.arange(1, spec.size + 1, device=self.device).expand(b, -1))
+        new_index = torch.zeros(b, cap, dtype=torch.long, device=dev)
+        new_index.scatter_(1, keep, torch.arange(1, spec.size + 1, device=dev).expand(b, -1))
         kept_par = par.gather(1, keep)
-        parent = torch.cat([torch.full((b, 1), -1, device=self.device),
+        parent = torch.cat([torch.full((b, 1), -1, device=dev),
                             torch.where(kept_par >= 0, new_index.gather(1, kept_par.clamp_min(0)), torch.zeros_like(kept_par))], 1)
         tokens = torch.cat([root_tok[:, None], tok.gather(1, keep)], 1)
-        depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=self.device), keep // k + 1], 1)
+        depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), layer[keep]], 1)
         q = torch.cat([rnd.q_root[:, None], qs.gather(1, keep[..., None].expand(-1, -1, v))], 1)
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
                          q=q, sampled=False)
@@ -216,7 +221,7 @@ class SpeculativeEngine:
         t_slots = cls + n + t_nodes
         target.setup_cache(streams.shape[0], t_slots, device=dev)
         # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
-        scratch = t_nodes if isinstance(self.tree, StaticTree) else self.tree.top_k * self.tree.depth
+        scratch = t_nodes if isinstance(self.tree, StaticTree) else self.tree.candidates
         self.drafter_slots = n + scratch + 1
         trash = self.drafter_slots - 1
         drafter.setup_cache(streams.shape[0], self.drafter_slots, device=dev)

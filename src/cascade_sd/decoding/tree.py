@@ -124,12 +124,17 @@ class DynamicTreeSpec:
     def __post_init__(self) -> None:
         check_range("top_k", self.top_k, 1, 64)
         check_range("depth", self.depth, 1, 32)
-        check_range("total_tokens", self.total_tokens, 2, self.top_k + (self.depth - 1) * self.top_k**2 + 1)
+        check_range("total_tokens", self.total_tokens, 2, self.candidates + 1)
 
     @property
     def size(self) -> int:
         """Number of drafted nodes kept (root excluded)."""
         return self.total_tokens - 1
+
+    @property
+    def candidates(self) -> int:
+        """Candidates stored before the rerank: top_k at depth 1, top_k² at each deeper level."""
+        return self.top_k + (self.depth - 1) * self.top_k**2
 
 
 @dataclass
