@@ -215,6 +215,8 @@ def decode_cmd(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Decode images with any method, tree and drafter; writes tokens, stats and a grid."""
+    import numpy as np
+
     from cascade_sd import api
     from cascade_sd.io import atomic_savez, atomic_write_json
 
@@ -225,7 +227,7 @@ def decode_cmd(
                      top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
                      **_rule_params(param))
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=torch_tensor_list(lab))
+    atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
     if b.tokenizer is not None:
         from cascade_sd.imaging import save_grid
         from cascade_sd.jobs import decode_to_images
@@ -233,13 +235,6 @@ def decode_cmd(
         save_grid(decode_to_images(b.tokenizer, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(lab), 10))
     atomic_write_json(out_dir / "stats.json", res.stats)
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
-
-
-def torch_tensor_list(values: list[int]):
-    """Labels as a numpy array for npz output."""
-    import numpy as np
-
-    return np.asarray(values, dtype=np.int64)
 
 
 @app.command("bench")
