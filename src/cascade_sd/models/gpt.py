@@ -242,6 +242,29 @@ def prefix_mask(batch: int, T: int, start: int, S: int, device: torch.device | s
     return (key <= query).unsqueeze(0).expand(batch, T, S)
 
 
+def require_cache(shape: tuple[int, int] | None, batch: int, owner: str) -> tuple[int, int]:
+    """Return a KV-cache shape (B, S), raising if it is missing or too small for ``batch`` rows."""
+    if shape is None:
+        raise RuntimeError(f"{owner} KV cache is not allocated; call setup_cache(max_batch_size, max_seq_len) first")
+    if batch > shape[0]:
+        raise ValueError(f"batch={batch} exceeds the {owner} cache's max_batch_size={shape[0]}")
+    return shape
+
+
+def check_step_inputs(
+    bsz: int, T: int, S: int, positions: torch.Tensor, slots: torch.Tensor, attn_mask: torch.Tensor
+) -> None:
+    """Validate the shapes of a cached ``step`` call's positions, slots and boolean mask."""
+    for name, t in (("positions", positions), ("slots", slots)):
+        if tuple(t.shape) not in ((T,), (bsz, T)):
+            raise ValueError(f"{name} must be [{T}] or [{bsz}, {T}], got {tuple(t.shape)}")
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 3 or tuple(attn_mask.shape[1:]) != (T, S) or (
+        attn_mask.shape[0] not in (1, bsz)
+    ):
+        raise ValueError(f"attn_mask must be a bool tensor [{bsz} or 1, {T}, {S}], got {attn_mask.dtype} "
+                         f"{tuple(attn_mask.shape)}")
+
+
 class RMSNorm(nn.Module):
     """LlamaGen's RMSNorm: normalised in float32, cast back, then scaled."""
 
@@ -538,12 +561,7 @@ class GPT(nn.Module):
 
     def _require_cache(self, batch: int) -> tuple[int, int]:
         """Return the cache shape, raising if it is missing or too small for ``batch`` rows."""
-        shape = self.cache_shape
-        if shape is None:
-            raise RuntimeError("GPT KV cache is not allocated; call setup_cache(max_batch_size, max_seq_len) first")
-        if batch > shape[0]:
-            raise ValueError(f"batch={batch} exceeds the cache's max_batch_size={shape[0]}")
-        return shape
+        return require_cache(self.cache_shape, batch, "GPT")
 
     def step(
         self,
@@ -563,14 +581,7 @@ class GPT(nn.Module):
         """
         bsz, T, _ = x.shape
         _, S = self._require_cache(bsz)
-        for name, t in (("positions", positions), ("slots", slots)):
-            if tuple(t.shape) not in ((T,), (bsz, T)):
-                raise ValueError(f"{name} must be [{T}] or [{bsz}, {T}], got {tuple(t.shape)}")
-        if attn_mask.dtype != torch.bool or attn_mask.dim() != 3 or tuple(attn_mask.shape[1:]) != (T, S) or (
-            attn_mask.shape[0] not in (1, bsz)
-        ):
-            raise ValueError(f"attn_mask must be a bool tensor [{bsz} or 1, {T}, {S}], got {attn_mask.dtype} "
-                             f"{tuple(attn_mask.shape)}")
+        check_step_inputs(bsz, T, S, positions, slots, attn_mask)
         cos, sin = self._rope(positions)
         mask = attn_mask.unsqueeze(1)
         h = self.tok_dropout(x)

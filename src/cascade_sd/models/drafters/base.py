@@ -19,7 +19,15 @@ from torch import nn
 
 from cascade_sd.errors import ConfigError, check_choice
 from cascade_sd.models.checkpoint import state_hash
-from cascade_sd.models.gpt import GPT, GPTConfig, GPTOutput, TransformerBlock, precompute_rope_2d
+from cascade_sd.models.gpt import (
+    GPT,
+    GPTConfig,
+    GPTOutput,
+    TransformerBlock,
+    check_step_inputs,
+    precompute_rope_2d,
+    require_cache,
+)
 
 ARCHS = ("eagle", "eagle3")
 
@@ -271,12 +279,7 @@ class Drafter(nn.Module, ABC):
 
     def _require_cache(self, batch: int) -> tuple[int, int]:
         """Return the cache shape, raising if it is missing or too small for ``batch`` rows."""
-        shape = self.cache_shape
-        if shape is None:
-            raise RuntimeError("drafter KV cache is not allocated; call setup_cache(max_batch_size, max_seq_len) first")
-        if batch > shape[0]:
-            raise ValueError(f"batch={batch} exceeds the drafter cache's max_batch_size={shape[0]}")
-        return shape
+        return require_cache(self.cache_shape, batch, "drafter")
 
     def step(
         self,
@@ -294,14 +297,7 @@ class Drafter(nn.Module, ABC):
         self._check_inputs(h, tokens)
         bsz, T = tokens.shape
         _, S = self._require_cache(bsz)
-        for name, t in (("positions", positions), ("slots", slots)):
-            if tuple(t.shape) not in ((T,), (bsz, T)):
-                raise ValueError(f"{name} must be [{T}] or [{bsz}, {T}], got {tuple(t.shape)}")
-        if attn_mask.dtype != torch.bool or attn_mask.dim() != 3 or tuple(attn_mask.shape[1:]) != (T, S) or (
-            attn_mask.shape[0] not in (1, bsz)
-        ):
-            raise ValueError(f"attn_mask must be a bool tensor [{bsz} or 1, {T}, {S}], got {attn_mask.dtype} "
-                             f"{tuple(attn_mask.shape)}")
+        check_step_inputs(bsz, T, S, positions, slots, attn_mask)
         h_out = self._body(h, tokens, positions, slots, attn_mask.unsqueeze(1))
         return self.head(h_out), h_out
 
