@@ -265,7 +265,8 @@ class SpeculativeEngine:
             t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
             t_slot = base[:, None] + torch.arange(n1, device=dev)
             t_mask = torch.arange(t_slots, device=dev)[None, None].expand(b, n1, t_slots) < base[:, None, None]
-            t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
+            anc = self.static_anc.expand(b, n1, n1) if isinstance(self.tree, StaticTree) else tree.ancestor_mask()
+            t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), anc)
             out = self._timed("target", target.step, target.embed_tokens(self._rep(tree.tokens)),
                               positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
                               return_hidden=True, return_layers=layers)
