@@ -313,6 +313,14 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Zeroed k/v caches [max_batch_size, n_kv_head, max_seq_len, head_dim] (validated sizes)."""
+        _check_int("max_batch_size", max_batch_size, 1)
+        _check_int("max_seq_len", max_seq_len, 1)
+        shape = (max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+
     def _write_cache(
         self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,14 +545,9 @@ class GPT(nn.Module):
         ``max_seq_len`` counts condition and image slots (and any scratch slots a draft tree needs).
         Default dtype/device: those of the weights. The cache is not moved by ``.to()``; call again.
         """
-        _check_int("max_batch_size", max_batch_size, 1)
-        _check_int("max_seq_len", max_seq_len, 1)
         weight = self.output.weight
-        shape = (max_batch_size, self.config.kv_heads, max_seq_len, self.config.head_dim)
         for layer in self.layers:
-            attn = layer.attention
-            attn.k_cache = torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device)
-            attn.v_cache = torch.zeros_like(attn.k_cache)
+            layer.attention.allocate_cache(max_batch_size, max_seq_len, dtype or weight.dtype, device or weight.device)
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:

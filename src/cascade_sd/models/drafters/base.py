@@ -248,15 +248,8 @@ class Drafter(nn.Module, ABC):
         device: torch.device | str | None = None,
     ) -> None:
         """Allocate the decoder layer's zeroed k/v cache [max_batch_size, n_kv_head, max_seq_len, head_dim]."""
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} is out of range; allowed integers >= 1")
-        gpt_cfg = self.config.gpt_config()
         weight = self.fc.weight
-        attn = self.layer.attention
-        shape = (max_batch_size, gpt_cfg.kv_heads, max_seq_len, gpt_cfg.head_dim)
-        attn.k_cache = torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
+        self.layer.attention.allocate_cache(max_batch_size, max_seq_len, dtype or weight.dtype, device or weight.device)
 
     def extend_cache(self, n: int) -> None:
         """Append ``n`` zeroed slots to the cache out of place, so k/v written earlier keep their autograd history.
