@@ -8,7 +8,6 @@ either a folder written by the workflow (``results/models``) or a toy spec such 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -26,6 +26,13 @@ def check_choice(field: str, value: object, allowed: "list | tuple | set") -> No
         raise ConfigError(f"{field}={value!r} is not allowed; choose one of {choices}")
 
 
+def check_int(field: str, value: object, lo: int) -> None:
+    """Raise ConfigError unless ``value`` is an integer (not a bool) with ``value >= lo``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is not allowed; expected an integer >= {lo}")
+    check_range(field, value, lo)
+
+
 def check_range(
     field: str,
     value: float,

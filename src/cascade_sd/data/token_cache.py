@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade_sd.errors import CheckpointError, ConfigError, DataError
+from cascade_sd.errors import CheckpointError, ConfigError, DataError, check_int
 from cascade_sd.io import atomic_savez
 from cascade_sd.models.vq import VQModel
 
@@ -40,8 +40,7 @@ def tokenize_images(vq: VQModel, images: torch.Tensor, batch_size: int = 512) ->
         )
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise DataError("images must be a uint8 tensor [N, C, H, W]")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} is not allowed; must be a positive integer")
+    check_int("batch_size", batch_size, 1)
     was_training = vq.training
     vq.eval()
     try:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade_sd.errors import CheckpointError, ConfigError, check_choice, check_range
+from cascade_sd.errors import CheckpointError, ConfigError, check_choice, check_int, check_range
 from cascade_sd.models.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -57,13 +57,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
 def find_multiple(n: int, k: int) -> int:
     """Round ``n`` up to a multiple of ``k`` (LlamaGen's helper for the SwiGLU width)."""
     return n if n % k == 0 else n + k - n % k
-
-
-def _check_int(field: str, value: object, lo: int) -> None:
-    """Raise ConfigError unless ``value`` is an int >= ``lo``."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{field}={value!r} is not allowed; expected an integer >= {lo}")
-    check_range(field, value, lo)
 
 
 def _check_float(field: str, value: object, lo: float, hi: float | None = None, **kw: bool) -> None:
@@ -144,10 +137,10 @@ class GPTConfig:
         """Raise a one-line ConfigError naming the first invalid field, its value and what is allowed."""
         for name in ("dim", "n_layer", "n_head", "multiple_of", "num_classes", "caption_dim", "cls_token_num",
                      "vocab_size", "block_size"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("n_kv_head", "grid_width"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         if self.dim % self.n_head:
             raise ConfigError(f"dim={self.dim} is not allowed; must be divisible by n_head={self.n_head}")
         if self.head_dim % 4:
@@ -315,8 +308,8 @@ class Attention(nn.Module):
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Zeroed k/v caches [max_batch_size, n_kv_head, max_seq_len, head_dim] (validated sizes)."""
-        _check_int("max_batch_size", max_batch_size, 1)
-        _check_int("max_seq_len", max_seq_len, 1)
+        check_int("max_batch_size", max_batch_size, 1)
+        check_int("max_seq_len", max_seq_len, 1)
         shape = (max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cascade_sd.decoding.processing import SamplingParams, split_cfg
 from cascade_sd.decoding.vanilla import vanilla_decode, with_null_condition
-from cascade_sd.errors import CheckpointError, ConfigError, DataError, check_choice, check_range
+from cascade_sd.errors import CheckpointError, ConfigError, DataError, check_choice, check_int, check_range
 from cascade_sd.io import atomic_torch_save
 from cascade_sd.models.drafters import ARCHS, Drafter, Eagle3Drafter, create_drafter, target_hash
 from cascade_sd.models.gpt import GPT
@@ -97,12 +97,6 @@ class DistillData:
         return tokens, hidden, layers
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    """Raise ConfigError unless ``value`` is an int >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name}={value!r} is out of range; allowed integers >= 1")
-
-
 @torch.no_grad()
 def distill_data(
     target: GPT,
@@ -121,8 +115,8 @@ def distill_data(
     Seeded: same target, params and seed give the same data. c2i targets only.
     """
     cfg = target.config
-    _check_positive_int("labels_per_class", labels_per_class)
-    _check_positive_int("batch_size", batch_size)
+    check_int("labels_per_class", labels_per_class, 1)
+    check_int("batch_size", batch_size, 1)
     if cfg.model_type != "c2i":
         raise ConfigError(f"model_type={cfg.model_type!r} is not allowed for distill_data; allowed: 'c2i'")
     if cfg.block_size < 2:
@@ -365,8 +359,8 @@ def evaluate_drafter(
     - ``*_nll_bits(_per_position)``: −log2 of the held-out token t_{j+1} (j+1 = 1..N−1, list index j)
       under the guided law at temperature 1 without top-k/top-p, for the drafter (one step) and target.
     """
-    _check_positive_int("chain_depth", chain_depth)
-    _check_positive_int("batch_size", batch_size)
+    check_int("chain_depth", chain_depth, 1)
+    check_int("batch_size", batch_size, 1)
     params = data.params
     device = drafter.fc.weight.device
     seqs = torch.arange(data.n_sequences) if sequences is None else sequences
@@ -461,7 +455,7 @@ def train_drafter(
     """
     check_choice("arch", arch, ARCHS)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("unroll", unroll), ("log_every", log_every)):
-        _check_positive_int(name, value)
+        check_int(name, value, 1)
     check_range("lr", lr, 0.0, lo_open=True)
     check_range("redundancy_weight", redundancy_weight, 0.0, lo_open=True)
     check_range("redundancy_threshold", redundancy_threshold, -1.0, 1.0)

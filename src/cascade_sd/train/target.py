@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from cascade_sd.errors import ConfigError, DataError, check_range
+from cascade_sd.errors import ConfigError, DataError, check_int, check_range
 from cascade_sd.models.gpt import GPT, GPTConfig
 
 # Steps timed (after the first, warm-up step) before the cosine horizon is estimated from max_seconds.
@@ -103,10 +103,8 @@ def train_target(
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_batches", eval_batches),
                         ("log_every", log_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} is out of range; allowed integers >= 1")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ConfigError(f"warmup_steps={warmup_steps!r} is out of range; allowed integers >= 0")
+        check_int(name, value, 1)
+    check_int("warmup_steps", warmup_steps, 0)
     check_range("lr", lr, 0.0, lo_open=True)
     check_range("weight_decay", weight_decay, 0.0)
     if max_seconds is not None:

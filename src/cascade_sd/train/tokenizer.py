@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from cascade_sd.errors import ConfigError, DataError, check_range
+from cascade_sd.errors import DataError, check_int, check_range
 from cascade_sd.models.vq import VQConfig, VQModel
 
 
@@ -111,8 +111,7 @@ def train_tokenizer(
     _check_images("test_images", test_images, config)
     positive = {"steps": steps, "batch_size": batch_size, "log_every": log_every, "dead_code_steps": dead_code_steps}
     for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"tokenizer.{name}={value!r} is not allowed; must be a positive integer")
+        check_int(f"tokenizer.{name}", value, 1)
     check_range("tokenizer.lr", lr, 0.0, lo_open=True)
     check_range("tokenizer.l1_weight", l1_weight, 0.0)
     if max_seconds is not None:
