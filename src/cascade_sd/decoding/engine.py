@@ -37,6 +37,19 @@ class _Round:
     h_root: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Level:
+    """One level of a static tree, precomputed once per decode: its nodes, their parents, the
+    distinct parents (``uniq``), each node's parent among them (``where``) and sibling rank."""
+
+    nodes: torch.Tensor
+    parent: torch.Tensor
+    uniq: torch.Tensor
+    where: torch.Tensor
+    rank: torch.Tensor
+    kmax: int
+
+
 class SpeculativeEngine:
     """One implementation of tree speculative decoding for any target, drafter, rule and tree."""
 
@@ -112,22 +125,18 @@ class SpeculativeEngine:
         valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
         parent, depth = self.static_parent, self.static_depth
         anc = self.static_anc.expand(b, n1, n1)
-        for d in range(1, tree.depth + 1):
-            nodes = self.static_levels[d]
-            par = parent[nodes]
-            uniq, where = torch.unique(par, return_inverse=True)
-            # Children of one node: a without-replacement sample from q in rank order (Gumbel top-k).
-            logq = q[:, uniq].log()
-            u = torch.rand(logq.shape, generator=gen, dtype=torch.float64, device=self.device).clamp_min(1e-300)
-            keys = logq - (-u.log()).log()
-            kmax = int(self.static_rank[nodes].max()) + 1
-            if kmax > v:  # more ranks than tokens: the surplus children can never be drawn
-                keys = torch.cat([keys, keys.new_full((*keys.shape[:-1], kmax - v), float("-inf"))], -1)
-            top_keys, top_tok = keys.topk(kmax, dim=-1)
-            top_tok = top_tok.clamp(max=v - 1)
-            rank = self.static_rank[nodes]
-            tokens[:, nodes] = top_tok[:, where, rank]
-            valid[:, nodes] = valid[:, par] & torch.isfinite(top_keys[:, where, rank])
+        for d, level in enumerate(self.static_levels, start=1):
+            nodes, par, uniq, where, rank = level.nodes, level.parent, level.uniq, level.where, level.rank
+            # Children of one node: a without-replacement sample from q in rank order. Exponential
+            # race (Gumbel top-k in ratio form): the top-k of q(x)/E_x, E_x ~ Exp(1) i.i.d.
+            race = torch.empty(b, len(uniq), v, dtype=torch.float64, device=self.device).exponential_(generator=gen)
+            race.clamp_min_(1e-300)  # q = 0 must give key 0, never 0/0
+            keys = q[:, uniq] / race
+            if level.kmax > v:  # more ranks than tokens: the surplus children can never be drawn
+                keys = torch.cat([keys, keys.new_zeros((*keys.shape[:-1], level.kmax - v))], -1)
+            top_keys, top_tok = keys.topk(level.kmax, dim=-1)
+            tokens[:, nodes] = top_tok[:, where, rank].clamp(max=v - 1)
+            valid[:, nodes] = valid[:, par] & (top_keys[:, where, rank] > 0)
             if d < tree.depth:
                 pos = (self.cls + m - 1 + d)[:, None].expand(b, len(nodes)).clamp(max=self.max_pos)
                 slots = (self.n_tokens + nodes - 1)[None, :].expand(b, len(nodes))
@@ -304,8 +313,13 @@ class SpeculativeEngine:
         self.static_parent = tree.parent.to(dev)
         self.static_depth = tree.node_depth.to(dev)
         self.static_children = tree.children.to(dev)
-        self.static_rank = torch.tensor([0] + [p[-1] for p in tree.paths], device=dev)
-        self.static_levels = {d: torch.nonzero(self.static_depth == d).squeeze(-1) for d in range(1, tree.depth + 1)}
+        rank = torch.tensor([0] + [p[-1] for p in tree.paths], device=dev)
+        self.static_levels = []
+        for d in range(1, tree.depth + 1):
+            nodes = torch.nonzero(self.static_depth == d).squeeze(-1)
+            uniq, where = torch.unique(self.static_parent[nodes], return_inverse=True)
+            self.static_levels.append(_Level(nodes=nodes, parent=self.static_parent[nodes], uniq=uniq, where=where,
+                                             rank=rank[nodes], kmax=int(rank[nodes].max()) + 1))
         one = DraftTree(tokens=torch.zeros(1, tree.size + 1, dtype=torch.long), parent=tree.parent[None],
                         depth=tree.node_depth[None], children=tree.children[None], q=torch.zeros(1, 1, 1), sampled=True)
         self.static_anc = one.ancestor_mask().to(dev)

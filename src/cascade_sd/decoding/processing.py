@@ -99,6 +99,13 @@ def target_law(logits: torch.Tensor, params: SamplingParams, dtype: torch.dtype 
 
 
 def sample_from_law(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row of ``probs`` [..., V] → LongTensor [...]."""
+    """Draw one token per row of ``probs`` [..., V] (unnormalised is fine) → LongTensor [...].
+
+    Inverse CDF: the first token whose cumulative mass exceeds u·total, u ~ U[0, 1); a token of
+    zero mass never has a cumulative mass above its predecessor's, so it is never drawn.
+    """
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    cdf = flat.cumsum(-1)
+    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=flat.shape[-1] - 1)
+    return pick.reshape(probs.shape[:-1])

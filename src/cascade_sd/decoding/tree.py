@@ -87,7 +87,7 @@ class StaticTree:
         """Number of drafted nodes (root excluded)."""
         return len(self.paths)
 
-    @property
+    @cached_property
     def depth(self) -> int:
         """Maximum draft depth."""
         return max(len(p) for p in self.paths)

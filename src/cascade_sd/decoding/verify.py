@@ -84,22 +84,28 @@ def walk_tree(
             break
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
         took = torch.zeros(batch, dtype=torch.bool, device=dev)
+        pending = walking.clone()
         rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
         for k in range(width):
             node = kids[:, k]
             x = tree.tokens[rows, node.clamp_min(0)]
-            dup = rejected[rows, x]  # DESIGN 4.1: a sibling equal to a rejected one is skipped
-            valid = walking & ~took & (node >= 0) & ~dup
+            # DESIGN 4.1: a sibling equal to a rejected one is skipped.
+            valid = pending & (node >= 0) & ~rejected[rows, x]
             if not valid.any():
                 continue
             a = rule.accept_prob(state, x, ctx)
             coin = torch.rand(batch, generator=generator, dtype=a.dtype, device=dev)
             acc = valid & (coin < a)
             rej = valid & ~acc
-            cur = torch.where(acc, node, cur)
-            took |= acc
-            state = _where_state(rej, rule.reject(state, x, ctx), state)
-            rejected[rows, x] |= rej
+            if acc.any():
+                cur = torch.where(acc, node, cur)
+                took |= acc
+                pending &= ~acc
+            if rej.any():  # only rejected rows need the rule's next residual
+                state = _where_state(rej, rule.reject(state, x, ctx), state)
+                rejected[rows, x] |= rej
+            if not pending.any():
+                break
         fail = walking & ~took
         if fail.any():
             bonus = _draw(fail, rule.bonus_law(state, ctx), bonus, generator)

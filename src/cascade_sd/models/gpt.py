@@ -306,13 +306,26 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Zeroed k/v caches [max_batch_size, n_kv_head, max_seq_len, head_dim] (validated sizes)."""
+    def cache_storage(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device,
+                      n_layers: int = 1) -> torch.Tensor:
+        """Zeroed k/v storage [n_layers, 2, max_batch_size, n_kv_head, max_seq_len, head_dim] (validated sizes)."""
         check_int("max_batch_size", max_batch_size, 1)
         check_int("max_seq_len", max_seq_len, 1)
-        shape = (max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros_like(self.k_cache)
+        shape = (n_layers, 2, max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Zeroed k/v caches [max_batch_size, n_kv_head, max_seq_len, head_dim] owned by this layer.
+
+        Two separate tensors (not views of one), so a drafter trained through its cache can write
+        k and v with autograd history.
+        """
+        storage = self.cache_storage(max_batch_size, max_seq_len, dtype, device)[0]
+        self.k_cache, self.v_cache = storage[0].clone(), storage[1].clone()
+
+    def use_cache(self, storage: torch.Tensor) -> None:
+        """Take k/v caches as views of ``storage`` [2, B, n_kv_head, S, head_dim] (a model-wide buffer)."""
+        self.k_cache, self.v_cache = storage[0], storage[1]
 
     def _write_cache(
         self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
@@ -440,6 +453,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._kv: torch.Tensor | None = None  # all layers' k/v, allocated by setup_cache
         # Plain float32 attributes (like LlamaGen's freqs_cis): not in state_dict, not cast by .to(dtype).
         self._rope_cos, self._rope_sin = precompute_rope_2d(
             config.head_dim, config.block_size, config.grid_cols, config.cls_token_num, config.rope_base
@@ -539,8 +553,11 @@ class GPT(nn.Module):
         Default dtype/device: those of the weights. The cache is not moved by ``.to()``; call again.
         """
         weight = self.output.weight
-        for layer in self.layers:
-            layer.attention.allocate_cache(max_batch_size, max_seq_len, dtype or weight.dtype, device or weight.device)
+        # One buffer for all layers, so compaction (copy_cache) is a single indexed copy.
+        self._kv = self.layers[0].attention.cache_storage(max_batch_size, max_seq_len, dtype or weight.dtype,
+                                                          device or weight.device, n_layers=len(self.layers))
+        for layer, storage in zip(self.layers, self._kv):
+            layer.attention.use_cache(storage)
 
     @property
     def cache_shape(self) -> tuple[int, int] | None:
@@ -604,9 +621,7 @@ class GPT(nn.Module):
                              f"and {tuple(dst_slots.shape)}")
         self._require_cache(src_slots.shape[0])
         rows = torch.arange(src_slots.shape[0], device=src_slots.device)[:, None]
-        for layer in self.layers:
-            for cache in (layer.attention.k_cache, layer.attention.v_cache):
-                cache[rows, :, dst_slots] = cache[rows, :, src_slots]
+        self._kv[:, :, rows, :, dst_slots] = self._kv[:, :, rows, :, src_slots]
 
 
 def save_gpt(path: str | os.PathLike, model: GPT, extra: Mapping[str, Any] | None = None) -> str:
