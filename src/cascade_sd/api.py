@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cascade_sd.acceptance import RULES, get_rule
+from cascade_sd.acceptance import RULES, RuleResources, get_rule
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
@@ -43,6 +43,13 @@ class Bundle:
     drafters: dict[str, torch.nn.Module] = field(default_factory=dict)
     tokenizer: Any = None
     judge: Any = None
+    codebook: torch.Tensor | None = None
+    folder: Path | None = None
+
+    def rule_resources(self) -> RuleResources:
+        """What acceptance rules may read from this bundle (codebook vectors, a cache folder)."""
+        cache = str(self.folder / "cache") if self.folder is not None and os.access(self.folder, os.W_OK) else None
+        return RuleResources(vocab=self.target.config.vocab_size, codebook=self.codebook, cache_dir=cache)
 
     def drafter(self, name: str) -> torch.nn.Module:
         """The drafter called ``name``; a one-line error lists what the bundle has."""
@@ -64,7 +71,11 @@ def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu") 
             with torch.random.fork_rng():  # seeded random drafter weights, caller's RNG untouched
                 torch.manual_seed(toy.seed * 1000 + i + 1)
                 drafters[arch] = create_drafter(target, arch, target_hash=digest).eval()
-        return Bundle(name=str(spec), target=target, target_hash=digest, drafters=drafters)
+        # Toy bundles have no tokenizer: a seeded random unit-norm codebook stands in for
+        # codebook-aware rules (LANTERN, GSD).
+        book = torch.nn.functional.normalize(
+            torch.randn(toy.vocab, 8, generator=torch.Generator().manual_seed(toy.seed)), dim=-1)
+        return Bundle(name=str(spec), target=target, target_hash=digest, drafters=drafters, codebook=book)
     folder = Path(spec)
     if not folder.is_dir():
         raise ConfigError(f"bundle={str(spec)!r} is neither a bundle folder nor a toy spec ('toy:vocab=V,len=N,seed=S')")
@@ -72,7 +83,7 @@ def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu") 
     if not target_path.is_file():
         raise CheckpointError(f"bundle {folder}: no {BUNDLE_FILES['target']} (train the target first)")
     target, ckpt = load_gpt(target_path)
-    bundle = Bundle(name=str(folder), target=target.to(device), target_hash=ckpt.hash)
+    bundle = Bundle(name=str(folder), target=target.to(device), target_hash=ckpt.hash, folder=folder)
     for path in sorted(folder.glob("drafter-*.pt")):
         drafter, _ = load_drafter(path, target_hash=ckpt.hash)
         bundle.drafters[path.stem.removeprefix("drafter-")] = drafter.to(device)
@@ -81,6 +92,7 @@ def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu") 
 
         bundle.tokenizer, _ = load_pair(folder / BUNDLE_FILES["tokenizer"], target_path)
         bundle.target = bundle.target.to(device)
+        bundle.codebook = bundle.tokenizer.quantize.codebook().detach()
     if (folder / BUNDLE_FILES["judge"]).is_file():
         from cascade_sd.models.judge import load_judge
 
@@ -136,6 +148,7 @@ def decode(
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
         return vanilla_decode(bundle.target, labels, params, generator=gen)
     rule = get_rule(method, **rule_params)
+    rule.bind(bundle.rule_resources())
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)

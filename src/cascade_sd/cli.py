@@ -181,21 +181,36 @@ def _parse_labels(labels: Optional[str], per_class: Optional[int], classes: int)
     return [c for c in range(classes) for _ in range(per_class or 1)]
 
 
-def _rule_params(pairs: list[str]) -> dict[str, Any]:
+RULE_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+RULE_FLAGS_HELP = "Rule parameters are flags too: --NAME VALUE (e.g. --delta 0.2; list them with `cascade-sd rules`)."
+
+
+def _rule_flags(args: list[str], method: str) -> dict[str, Any]:
+    """Rule parameters from the extra ``--name value`` / ``--name=value`` flags, checked against ``method``."""
+    from cascade_sd.acceptance import RULES
+
     out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
+    allowed = RULES[method].parameters if method in RULES else {}
+    it = iter(args)
+    for arg in it:
+        if not arg.startswith("--"):
+            raise CascadeError(f"unexpected argument {arg!r}; rule parameters are given as --name value")
+        name, sep, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in allowed:
+            names = ", ".join("--" + k.replace("_", "-") for k in allowed) or "none"
+            raise CascadeError(f"--{name} is not an option of method={method!r}; its rule parameters: {names}")
         if not sep:
-            raise CascadeError(f"--param {pair!r} must look like name=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            value = next(it, None)
+            if value is None:
+                raise CascadeError(f"--{name} needs a value")
+        out[key] = value
     return out
 
 
-@app.command("decode")
+@app.command("decode", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP)
 def decode_cmd(
+    ctx: typer.Context,
     bundle: str = typer.Option(..., help="bundle folder (results/models) or toy spec 'toy:vocab=5,len=3,seed=0'"),
     out_dir: Path = typer.Option(..., help="folder for tokens.npz, stats.json (and grid.png with a tokenizer)"),
     method: str = typer.Option("strict", help="'vanilla' or an acceptance rule (see `cascade-sd rules`)"),
@@ -211,7 +226,6 @@ def decode_cmd(
     tree_top_k: int = typer.Option(10, help="dynamic tree: children per expanded node"),
     depth: int = typer.Option(5, help="dynamic tree: draft depth"),
     total_tokens: str = typer.Option("60", help="dynamic tree: nodes incl. root, or 'auto'"),
-    param: list[str] = typer.Option([], "--param", help="rule parameter name=value (repeatable)"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Decode images with any method, tree and drafter; writes tokens, stats and a grid."""
@@ -225,7 +239,7 @@ def decode_cmd(
     total = total_tokens if total_tokens == "auto" else int(total_tokens)
     res = api.decode(b, lab, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature, top_k=top_k,
                      top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
-                     **_rule_params(param))
+                     **_rule_flags(ctx.args, method))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
     if b.tokenizer is not None:
@@ -237,8 +251,9 @@ def decode_cmd(
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
 
 
-@app.command("bench")
+@app.command("bench", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP)
 def bench_cmd(
+    ctx: typer.Context,
     bundle: str = typer.Option(..., help="bundle folder or toy spec"),
     batch_sizes: str = typer.Option("1,16"),
     trees: str = typer.Option("chain-4,tree-25,tree-57,dynamic"),
@@ -253,7 +268,6 @@ def bench_cmd(
     tree_top_k: int = typer.Option(10),
     depth: int = typer.Option(5),
     total_tokens: str = typer.Option("60"),
-    param: list[str] = typer.Option([], "--param", help="rule parameter name=value (repeatable)"),
     threads: Optional[int] = typer.Option(None, min=1),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="JSON file for the rows"),
@@ -274,11 +288,27 @@ def bench_cmd(
         sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
         tree_options={"tree_top_k": tree_top_k, "depth": depth,
                       "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
-        rule_params=_rule_params(param),
+        rule_params=_rule_flags(ctx.args, method),
     )
     if out:
         atomic_write_json(out, rows)
     typer.echo(format_table(rows))
+
+
+@app.command("rules")
+def rules_cmd() -> None:
+    """List the acceptance rules: parameters, defaults, allowed values and whether a TV bound is declared."""
+    from cascade_sd.acceptance import RULES
+
+    for name, cls in RULES.items():
+        bound = "declares a per-node TV bound" if cls.declares_bound else "no declared bound"
+        typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]} [{bound}]")
+        for key, spec in cls.parameters.items():
+            allowed = "|".join(spec.choices) if spec.kind == "choice" else (
+                "on|off" if spec.kind == "bool" else f"{spec.kind} in {'(' if spec.lo_open else '['}"
+                f"{'-inf' if spec.lo is None else f'{spec.lo:g}'}, {'inf' if spec.hi is None else f'{spec.hi:g}'}]")
+            default = {True: "on", False: "off"}.get(spec.default, spec.default) if spec.kind == "bool" else spec.default
+            typer.echo(f"  --{key.replace('_', '-'):<18} default {default!s:<10} {allowed:<28} {spec.doc}")
 
 
 @app.command("doctor")

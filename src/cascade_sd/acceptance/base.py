@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from cascade_sd.errors import ConfigError, check_choice, check_range
+
 # Residual masses below this are treated as empty: the branch is reached with probability ~0.
 MASS_EPS = 1e-30
 
@@ -30,14 +32,99 @@ class NodeState:
 
 @dataclass
 class NodeContext:
-    """What a rule may read at a node: draft depth (1 = root's children) and optional extras.
+    """What a rule may read at a node: draft depth (1 = root's children), number of candidate
+    children (an int or a [B] tensor) and optional extras.
 
-    ``extras`` carries context-aware inputs (target/drafter representations, codebook
-    neighbours, sibling outputs); context-free rules ignore it.
+    ``extras`` carries context-aware inputs (per-candidate signals built by the rule's
+    ``node_extras``); context-free rules ignore it.
     """
 
     depth: int = 1
+    n_candidates: int | torch.Tensor = 1
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One rule parameter: default, kind and allowed values (validated with a one-line error).
+
+    ``kind`` is "float", "int", "bool" or "choice"; ``lo``/``hi`` bound numbers (``lo_open``
+    excludes lo); ``choices`` lists the strings a "choice" allows; ``optional`` allows None.
+    """
+
+    default: Any
+    kind: str = "float"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    doc: str = ""
+
+    def check(self, name: str, value: Any) -> Any:
+        """The validated value (CLI strings are parsed)."""
+        if value is None and self.optional:
+            return None
+        if self.kind == "choice":
+            check_choice(name, value, self.choices)
+            return value
+        if isinstance(value, str):
+            value = self.parse(name, value)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} is not allowed; expected on/off (true/false)")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind == "int" and value != int(value)):
+            raise ConfigError(f"{name}={value!r} is not allowed; expected a{'n integer' if self.kind == 'int' else ' number'}")
+        value = int(value) if self.kind == "int" else float(value)
+        check_range(name, value, self.lo, self.hi, lo_open=self.lo_open)
+        return value
+
+    def parse(self, name: str, text: str) -> Any:
+        """Parse a command-line string for this parameter."""
+        if self.optional and text.lower() in ("none", "auto", ""):
+            return None
+        if self.kind == "bool":
+            table = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+            if text.lower() not in table:
+                raise ConfigError(f"{name}={text!r} is not allowed; expected on/off (true/false)")
+            return table[text.lower()]
+        if self.kind == "choice":
+            return text
+        try:
+            return int(text) if self.kind == "int" else float(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not allowed; expected a{'n integer' if self.kind == 'int' else ' number'}") from None
+
+
+@dataclass
+class RuleResources:
+    """What a rule may need from the bundle, given once per decode: vocabulary size and the
+    tokenizer's codebook vectors [V, d] (None when the bundle has none)."""
+
+    vocab: int
+    codebook: torch.Tensor | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class TreeView:
+    """One verified round, for context-aware rules: the draft tree and representations per node.
+
+    ``target_logits`` [B, T+1, V]: CFG-guided target logits at each node (its children's law
+    before temperature/filtering); ``target_hidden`` [B, T+1, D]: the target's last hidden state
+    (conditional stream); ``drafter_logits`` [B, T+1, V] and ``drafter_hidden`` [B, T+1, D']: the
+    drafter's outputs at each node (zeros where it did not run, flagged by ``drafter_ran``
+    [B, T+1]); ``p`` [B, T+1, V]: target laws.
+    """
+
+    tree: Any
+    p: torch.Tensor
+    target_logits: torch.Tensor
+    target_hidden: torch.Tensor
+    drafter_logits: torch.Tensor
+    drafter_hidden: torch.Tensor
+    drafter_ran: torch.Tensor
 
 
 def normalise(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -66,13 +153,39 @@ class AcceptanceRule(ABC):
     """Base class of every acceptance rule; subclasses register under ``name``."""
 
     name: ClassVar[str]
-    #: Parameter names and their defaults (``cascade-sd rules`` lists them).
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: Parameters with defaults and allowed values (``cascade-sd rules`` lists them).
+    parameters: ClassVar[dict[str, Param]] = {}
     #: Whether the rule states a per-node TV bound (``tv_bound`` returns a tensor, not None).
     declares_bound: ClassVar[bool] = False
+    #: Whether the rule reads the round's draft-tree representations (``prepare``/``node_extras``).
+    needs_tree: ClassVar[bool] = False
+    #: Parameter that sets the relaxation strength, for sweeps and tests, and whether larger
+    #: values relax more (``strength_increases``) or less (similarity thresholds).
+    strength: ClassVar[str | None] = None
+    strength_increases: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
-        self.params = {**self.defaults, **params}
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            allowed = ", ".join(self.parameters) or "none"
+            raise ConfigError(f"parameter {unknown[0]!r} does not belong to rule {self.name!r}; its parameters: {allowed}")
+        self.params = {k: spec.check(k, params.get(k, spec.default)) for k, spec in self.parameters.items()}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Parameter defaults."""
+        return {k: spec.default for k, spec in cls.parameters.items()}
+
+    def bind(self, resources: RuleResources) -> None:
+        """Read what the rule needs from the bundle (once per decode); checks vocabulary-dependent params."""
+
+    def prepare(self, view: TreeView) -> Any:
+        """Per-round precomputation for context-aware rules (``needs_tree``); None by default."""
+        return None
+
+    def node_extras(self, prepared: Any, view: TreeView, node: torch.Tensor, kids: torch.Tensor) -> dict[str, Any]:
+        """Extras of ``NodeContext`` at ``node`` [B] whose candidate children are ``kids`` [B, K] (−1 padded)."""
+        return {}
 
     def start(self, p: torch.Tensor, q: torch.Tensor | None, sampled: bool, ctx: NodeContext) -> NodeState:
         """State before the first sibling: the full target law and the drafter law (if sampled)."""
@@ -90,10 +203,24 @@ class AcceptanceRule(ABC):
         """Law [B, V] of the token emitted after every sibling was rejected (or at a leaf)."""
         return state.p
 
-    def tv_bound(self, p: torch.Tensor, q: torch.Tensor | None, ctx: NodeContext) -> torch.Tensor | None:
-        """Declared per-node bound [B] on TV(induced law, p), or None when the rule states none."""
+    def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor | None:
+        """Declared per-node bound [B] on TV(induced law, p) for ``ctx.n_candidates`` siblings drawn
+        from q (``sampled``) or q's top tokens as point masses; None when the rule states none."""
         return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
+
+
+def chain_bound(first: torch.Tensor, accept_first: torch.Tensor, n_candidates: int | torch.Tensor,
+                per_sibling: float | torch.Tensor) -> torch.Tensor:
+    """Per-node TV bound over sibling chains (coupling with strict verification, DESIGN 6).
+
+    TV ≤ β₀ + (1 − a₀)·B_rest: β₀ bounds the first sibling's drift, a₀ is its acceptance
+    probability and B_rest ≤ (n − 1)·per_sibling bounds the later siblings (each measured from
+    its own residual, which strict verification would reproduce exactly). Capped at 1.
+    """
+    n = torch.as_tensor(n_candidates, dtype=first.dtype, device=first.device)
+    rest = ((n - 1).clamp_min(0) * per_sibling).clamp(max=1.0)
+    return (first + (1 - accept_first).clamp_min(0) * rest).clamp(max=1.0)

@@ -8,6 +8,8 @@ top tokens and only accept/reject branches. No second formula: a rule's law is w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState
@@ -47,7 +49,7 @@ def induced_law(
     independently of whatever proposal the rule's state carries, as in the engine.
     """
     p, q = _as_rows(p), _as_rows(q)
-    ctx = context or NodeContext(depth=depth)
+    ctx = replace(context, n_candidates=n_candidates) if context else NodeContext(depth=depth, n_candidates=n_candidates)
     vocab = p.shape[-1]
     law = torch.zeros(vocab, dtype=torch.float64)
     state = rule.start(p, q, sampled, ctx)

@@ -13,6 +13,25 @@ import torch
 from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, gather, normalise, remove_token
 
 
+def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
+    """p_j(x) for point masses, min(1, p_j(x)/q_j(x)) for sampled candidates (0 where q_j(x) = 0)."""
+    px = gather(state.p, x)
+    if state.q is None:
+        return px
+    qx = gather(state.q, x)
+    # A token the proposal cannot produce was never drawn; it is never accepted.
+    return torch.where(qx > 0, (px / qx.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(px))
+
+
+def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:
+    """Strict residual after rejecting x: p_j without x (point masses) or norm([p_j − q_j]_+),
+    with the proposal losing x (sampling without replacement)."""
+    if state.q is None:
+        return NodeState(p=normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p), q=None)
+    residual = normalise((state.p - state.q).clamp_min(0.0), state.p)
+    return NodeState(p=residual, q=remove_token(state.q, x))
+
+
 class StrictRule(AcceptanceRule):
     """Lossless verification; declares a per-node TV bound of exactly 0."""
 
@@ -21,20 +40,12 @@ class StrictRule(AcceptanceRule):
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
         """p_j(x) for point masses, min(1, p_j(x)/q_j(x)) for sampled candidates."""
-        px = gather(state.p, x)
-        if state.q is None:
-            return px
-        qx = gather(state.q, x)
-        # A token the proposal cannot produce was never drawn; it is never accepted.
-        return torch.where(qx > 0, (px / qx.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(px))
+        return strict_ratio(state, x)
 
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """Strict residual; the proposal loses x (sampling without replacement)."""
-        if state.q is None:
-            return NodeState(p=normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p), q=None)
-        residual = normalise((state.p - state.q).clamp_min(0.0), state.p)
-        return NodeState(p=residual, q=remove_token(state.q, x))
+        return strict_residual(state, x)
 
-    def tv_bound(self, p: torch.Tensor, q: torch.Tensor | None, ctx: NodeContext) -> torch.Tensor:
+    def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
         """Strict is exact: the bound is 0."""
-        return torch.zeros(p.shape[:-1], dtype=p.dtype)
+        return torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)

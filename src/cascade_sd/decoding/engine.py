@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule
-from cascade_sd.decoding.processing import SamplingParams, sample_from_law, target_law
-from cascade_sd.decoding.tree import DraftTree, DynamicTreeSpec, StaticTree
+from cascade_sd.acceptance.base import AcceptanceRule, TreeView
+from cascade_sd.decoding.processing import SamplingParams, sample_from_law, split_cfg, target_law
+from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, with_null_condition
 from cascade_sd.decoding.verify import walk_tree
 from cascade_sd.metrics.speed import RoundStats
@@ -35,6 +35,7 @@ class _Round:
 
     q_root: torch.Tensor
     h_root: torch.Tensor
+    logits_root: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class SpeculativeEngine:
         valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
         parent, depth = self.static_parent, self.static_depth
         anc = self.static_anc.expand(b, n1, n1)
+        logits_all = torch.zeros(b, n1, v, device=self.device) if self.rule.needs_tree else None
+        if logits_all is not None:
+            logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
         for d, level in enumerate(self.static_levels, start=1):
             nodes, par, uniq, where, rank = level.nodes, level.parent, level.uniq, level.where, level.rank
             # Children of one node: a without-replacement sample from q in rank order. Exponential
@@ -144,11 +148,16 @@ class SpeculativeEngine:
                                                    self._tree_drafter_mask(m, anc, nodes))
                 q[:, nodes] = self._law(logits)
                 h[:, nodes] = h_out
+                if logits_all is not None:
+                    logits_all[:, nodes] = split_cfg(logits, self.params)
         children = self.static_children.expand(b, -1, -1).clone()
         kid_ok = valid.gather(1, children.clamp_min(0).flatten(1)).view_as(children)
         children = torch.where(kid_ok & (children >= 0), children, torch.full_like(children, -1))
+        outputs = None
+        if logits_all is not None:
+            outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=(depth < tree.depth).expand(b, n1))
         return DraftTree(tokens=tokens, parent=parent.expand(b, n1), depth=depth.expand(b, n1), children=children,
-                         q=q, sampled=True)
+                         q=q, sampled=True, drafter=outputs)
 
     def _draft_dynamic(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor) -> DraftTree:
         """EAGLE-2: expand the top_k frontier by q's top_k each, keep every candidate, rerank at the end."""
@@ -162,6 +171,8 @@ class SpeculativeEngine:
         score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=dev)
         layer = torch.zeros(cap, dtype=torch.long, device=dev)
         qs = torch.zeros(b, cap, v, dtype=torch.float64, device=dev)
+        ls = torch.zeros(b, cap, v, device=dev) if self.rule.needs_tree else None
+        expanded = torch.zeros(b, cap, dtype=torch.bool, device=dev)
         hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=dev)
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
         anc[:, 0, 0] = True
@@ -184,6 +195,9 @@ class SpeculativeEngine:
             logits, h_out = self._drafter_step(h_in, tok.gather(1, front), pos, self.n_tokens + front, mask)
             qf = self._law(logits)
             qs[rows, front], hs[self._rep(rows), self._rep(front)] = qf, h_out
+            expanded[rows, front] = True
+            if ls is not None:
+                ls[rows, front] = split_cfg(logits, self.params)
             cv, ci = qf.topk(k, dim=-1)
             lo = k + (d - 1) * k * k
             new = torch.arange(lo, lo + k * k, device=dev)
@@ -207,8 +221,15 @@ class SpeculativeEngine:
         tokens = torch.cat([root_tok[:, None], tok.gather(1, keep)], 1)
         depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), layer[keep]], 1)
         q = torch.cat([rnd.q_root[:, None], qs.gather(1, keep[..., None].expand(-1, -1, v))], 1)
+        outputs = None
+        if ls is not None:
+            hidden = hs[:b].gather(1, keep[..., None].expand(-1, -1, hs.shape[-1]))
+            outputs = DrafterOutputs(
+                logits=torch.cat([split_cfg(rnd.logits_root, self.params)[:, None], ls.gather(1, keep[..., None].expand(-1, -1, v))], 1),
+                hidden=torch.cat([rnd.h_root[:b, None], hidden], 1),
+                ran=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), expanded.gather(1, keep)], 1))
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
-                         q=q, sampled=False)
+                         q=q, sampled=False, drafter=outputs)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -260,7 +281,8 @@ class SpeculativeEngine:
             logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (cls + j).clamp(max=self.max_pos),
                                            slots, mask)
             last = (pend_len - 1).clamp_min(0)
-            rnd = _Round(q_root=self._law(logits[rows_r, self._rep(last)]), h_root=h[rows_r, self._rep(last)])
+            root_logits = logits[rows_r, self._rep(last)]
+            rnd = _Round(q_root=self._law(root_logits), h_root=h[rows_r, self._rep(last)], logits_root=root_logits)
             root_tok = tokens[rows, (m - 1).clamp(max=n - 1)]
             # 2. Draft tree.
             if isinstance(self.tree, StaticTree):
@@ -280,7 +302,14 @@ class SpeculativeEngine:
                               return_hidden=True, return_layers=layers)
             p = self._law(out.logits)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
-            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0))
+            view = prepared = None
+            if self.rule.needs_tree:
+                view = TreeView(tree=tree, p=p, target_logits=split_cfg(out.logits, self.params),
+                                target_hidden=out.hidden[:b], drafter_logits=tree.drafter.logits,
+                                drafter_hidden=tree.drafter.hidden, drafter_ran=tree.drafter.ran)
+                prepared = self.rule.prepare(view)
+            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0),
+                             view=view, prepared=prepared)
             a = torch.where(active, walk.accepted, torch.zeros_like(walk.accepted))
             depth_cap = walk.path.shape[1] - 1
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.

@@ -138,6 +138,17 @@ class DynamicTreeSpec:
 
 
 @dataclass
+class DrafterOutputs:
+    """The drafter's guided logits [B, T+1, V] and hidden states [B, T+1, D] at each node, and
+    whether it ran there ([B, T+1]; leaves of static trees are never expanded). Kept only for
+    rules that read the tree (CASCADE's breadth signal)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    ran: torch.Tensor
+
+
+@dataclass
 class DraftTree:
     """One round's drafted trees, batched: node 0 is the root, nodes 1..T drafted.
 
@@ -151,6 +162,7 @@ class DraftTree:
     children: torch.Tensor
     q: torch.Tensor
     sampled: bool
+    drafter: DrafterOutputs | None = None
 
     @property
     def size(self) -> int:

@@ -9,15 +9,13 @@ the rule's final law. Vectorised over the batch: every row walks its own tree at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, TreeView
 from cascade_sd.decoding.processing import sample_from_law
 from cascade_sd.decoding.tree import DraftTree
-
-ContextFn = Callable[[int, torch.Tensor, torch.Tensor], NodeContext]
 
 
 @dataclass
@@ -51,12 +49,15 @@ def walk_tree(
     *,
     generator: torch.Generator | None = None,
     max_accept: torch.Tensor | None = None,
-    context: ContextFn | None = None,
+    view: TreeView | None = None,
+    prepared: Any = None,
 ) -> WalkResult:
     """Verify ``tree`` against target laws ``p`` [B, T+1, V] (float64); see module docstring.
 
     ``max_accept`` [B] caps the accepted depth per row (rows near the end of the grid).
-    ``context(depth, current_node, rows)`` supplies a NodeContext to context-aware rules.
+    Context-aware rules get ``view`` (the round's representations) and their ``prepared``
+    signals; every node's context carries its depth, number of candidate children and the
+    rule's ``node_extras``.
     """
     batch, n_nodes, vocab = p.shape
     dev = p.device
@@ -71,8 +72,9 @@ def walk_tree(
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
     for depth in range(1, max_depth + 1):
-        ctx = context(depth, cur, rows) if context else NodeContext(depth=depth)
         kids = tree.children[rows, cur]
+        extras = rule.node_extras(prepared, view, cur, kids) if view is not None else {}
+        ctx = NodeContext(depth=depth, n_candidates=(kids >= 0).sum(-1), extras=extras)
         walking = active & (kids[:, 0] >= 0) & (accepted < limit)
         # Rows at a leaf or at their limit emit the bonus token from the fresh node law.
         stop = active & ~walking
@@ -113,7 +115,7 @@ def walk_tree(
         accepted += took.long()
         path[:, depth] = torch.where(took, cur, path[:, depth])
     if active.any():
-        ctx = context(max_depth + 1, cur, rows) if context else NodeContext(depth=max_depth + 1)
+        ctx = NodeContext(depth=max_depth + 1)
         fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
     return WalkResult(path=path, accepted=accepted, bonus=bonus, last_node=cur)
