@@ -19,7 +19,8 @@ from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, vanilla_decode, with_null_condition
-from cascade_sd.errors import CheckpointError, ConfigError, check_choice
+from cascade_sd.errors import CheckpointError, ConfigError, check_choice, check_int
+from cascade_sd.metrics.drift import DriftRecorder
 from cascade_sd.models.drafters import ARCHS, create_drafter, load_drafter
 from cascade_sd.models.gpt import GPT, load_gpt
 from cascade_sd.models.toy import ToySpec, toy_target
@@ -133,11 +134,16 @@ def decode(
     depth: int = 5,
     total_tokens: int | str = 60,
     profile: bool = False,
+    record_drift: bool = False,
+    drift_draws: int = 512,
     **rule_params: Any,
 ) -> DecodeResult:
     """Decode one image per label; ``method="vanilla"`` is plain AR decoding, otherwise a rule name.
 
-    Everything is validated (one-line errors) before any compute starts.
+    ``record_drift`` computes, at every verified node, TV(law the node emits, p) through the
+    rule's own methods (``result.arrays["drift"]`` [B, N], summaries in ``stats``); it uses its
+    own random stream, so the decoded tokens do not change. Everything is validated (one-line
+    errors) before any compute starts.
     """
     check_choice("method", method, ["vanilla", *RULES])
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
@@ -152,7 +158,13 @@ def decode(
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
-    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile)
+    check_int("drift_draws", drift_draws, 1)
+    recorder = None
+    if record_drift:
+        recorder = DriftRecorder(rule, labels.shape[0], bundle.target.config.block_size, mc_draws=drift_draws,
+                                 generator=torch.Generator().manual_seed(seed + 1))
+    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile,
+                               drift=recorder)
     result = engine.decode(labels, gen)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "total_tokens": total_tokens
                      if tree == "dynamic" else shape.size + 1}

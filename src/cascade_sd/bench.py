@@ -13,9 +13,11 @@ import statistics
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from cascade_sd import api
+from cascade_sd.acceptance import RULES, get_rule
 from cascade_sd.decoding.processing import SamplingParams
 
 
@@ -97,4 +99,122 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {r.get('achieved_over_predicted', float('nan')):.2f} | {r.get('engine_overhead_fraction', 0):.1%} "
             f"| {r.get('padding_fraction', 0):.1%} |"
         )
+    return "\n".join(lines)
+
+
+def rule_settings(rules: Iterable[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(rule, parameters) pairs: strict, then every rule's sweep (its paper defaults first)."""
+    names = list(rules) if rules else list(RULES)
+    return [(name, dict(setting)) for name in names for setting in RULES[name].sweep]
+
+
+def _quality(bundle: api.Bundle, tokens: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
+             seed: int) -> dict[str, Any]:
+    """Judge accuracy with a bootstrap CI and in-domain FID of decoded tokens (needs tokenizer and judge)."""
+    from cascade_sd.jobs import decode_to_images
+    from cascade_sd.metrics.quality import bootstrap_ci, in_domain_fid_kid, judge_correct
+
+    images = decode_to_images(bundle.tokenizer, tokens.cpu())
+    acc, lo, hi = bootstrap_ci(judge_correct(bundle.judge, images, labels.cpu()).double().numpy(), seed=seed)
+    out = {"judge_accuracy": acc, "judge_accuracy_ci": [lo, hi]}
+    if reference is not None:
+        fid = in_domain_fid_kid(bundle.judge, reference, images, kid_subset_size=max(2, len(images) // 2), seed=seed)
+        out["fid_in_domain"] = fid["fid_in_domain"]
+    return out
+
+
+def run_rule_bench(
+    bundle: api.Bundle,
+    *,
+    tree: str,
+    drafter: str,
+    rules: Iterable[str] | None = None,
+    timing_images: int = 4,
+    drift_images: int = 2,
+    quality_images: int = 0,
+    quality_batch: int = 50,
+    reference: torch.Tensor | None = None,
+    seed: int = 0,
+    sampling: dict[str, Any] | None = None,
+    tree_options: dict[str, Any] | None = None,
+    on_row=None,
+) -> list[dict[str, Any]]:
+    """Every rule setting on one tree family vs vanilla, in one process.
+
+    Speed: ``timing_images`` images decoded one at a time (batch 1) after a warm-up, summed wall
+    time; speedup = vanilla time / method time. Drift: exact mean per-node TV (``record_drift``)
+    over ``drift_images`` images. Quality (needs tokenizer and judge): ``quality_images`` images at
+    batch ``quality_batch``, judge accuracy with a bootstrap CI and in-domain FID against
+    ``reference``; τ is taken from these runs when present (more rounds).
+    """
+    sampling, tree_options = sampling or {}, tree_options or {}
+    SamplingParams(**sampling)
+    settings = [("vanilla", {})] + rule_settings(rules)
+    for name, params in settings[1:]:
+        get_rule(name, **params)  # validate every setting before any compute
+    bundle.drafter(drafter)
+    device = next(bundle.target.parameters()).device
+    classes = bundle.target.config.num_classes
+    rows: list[dict[str, Any]] = []
+    base_seconds = None
+    for name, params in settings:
+        opts = {} if name == "vanilla" else {"tree": tree, "drafter": drafter, **tree_options, **params}
+
+        def timed_pass() -> tuple[float, list[float]]:
+            total, accepted = 0.0, []
+            for i in range(timing_images):
+                _sync(device)
+                start = time.perf_counter()
+                res = api.decode(bundle, [i % classes], method=name, seed=seed + i, **sampling, **opts)
+                _sync(device)
+                total += time.perf_counter() - start
+                accepted.append(res.stats.get("mean_accepted_length", 1.0))
+            return total, accepted
+
+        timed_pass()  # warm-up
+        seconds, taus = timed_pass()
+        base_seconds = seconds if name == "vanilla" else base_seconds
+        row = {"tree": tree if name != "vanilla" else "-", "drafter": drafter if name != "vanilla" else "-",
+               "method": name, "params": params, "seconds": seconds, "speedup": base_seconds / seconds,
+               "tau": float(np.mean(taus))}
+        if name != "vanilla" and drift_images:
+            res = api.decode(bundle, torch.arange(drift_images) % classes, method=name, seed=seed, record_drift=True,
+                             **sampling, **opts)
+            row |= {k: res.stats[k] for k in ("drift_mean", "drift_bound_mean", "drift_exact_fraction",
+                                               "drift_sequence_sum")}
+        if quality_images and bundle.tokenizer is not None and bundle.judge is not None:
+            labels = torch.arange(quality_images) % classes
+            tokens, accepted = [], []
+            for start in range(0, quality_images, quality_batch):
+                res = api.decode(bundle, labels[start:start + quality_batch], method=name, seed=seed + 1000 + start,
+                                 **sampling, **opts)
+                tokens.append(res.tokens)
+                if name != "vanilla":
+                    accepted.append(res.stats["mean_accepted_length"] * res.stats["rounds"])
+                    accepted.append(res.stats["rounds"])
+            row |= _quality(bundle, torch.cat(tokens), labels, reference, seed)
+            if accepted:
+                row["tau"] = sum(accepted[::2]) / sum(accepted[1::2])
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def format_rule_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of rule-bench rows (the papers' format plus drift)."""
+    head = ("| tree | method | params | τ | speedup | drift (mean/node) | declared bound | exact nodes "
+            "| judge acc [95% CI] | FID (in-domain) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
+        ci = r.get("judge_accuracy_ci")
+        judge = f"{r['judge_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+        fid = f"{r['fid_in_domain']:.1f}" if "fid_in_domain" in r else "-"
+        drift = f"{r['drift_mean']:.4f}" if "drift_mean" in r else "0"
+        bound = r.get("drift_bound_mean")
+        bound_s = "-" if bound is None else ("none" if bound != bound else f"{bound:.4f}")
+        exact = f"{r['drift_exact_fraction']:.0%}" if "drift_exact_fraction" in r else "-"
+        lines.append(f"| {r['tree']} | {r['method']} | {params} | {r['tau']:.2f} | {r['speedup']:.2f} | {drift} | {bound_s} "
+                     f"| {exact} | {judge} | {fid} |")
     return "\n".join(lines)

@@ -295,6 +295,62 @@ def bench_cmd(
     typer.echo(format_table(rows))
 
 
+@app.command("bench-rules")
+def bench_rules_cmd(
+    bundle: str = typer.Option(..., help="bundle folder or toy spec"),
+    tree: str = typer.Option("chain-4", help="tree family: chain-N, tree-25, tree-57 or dynamic"),
+    drafter: str = typer.Option("eagle"),
+    rules: Optional[str] = typer.Option(None, help="comma-separated rules (default: all, each with its sweep)"),
+    timing_images: int = typer.Option(4, min=1, help="images decoded one at a time for the speed ratio"),
+    drift_images: int = typer.Option(2, min=0, help="images with exact per-node drift recorded"),
+    quality_images: int = typer.Option(0, min=0, help="images for judge accuracy / in-domain FID (0 = skip)"),
+    quality_batch: int = typer.Option(50, min=1),
+    seed: int = typer.Option(0, min=0),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    cfg_scale: float = typer.Option(1.0),
+    tree_top_k: int = typer.Option(10),
+    depth: int = typer.Option(5),
+    total_tokens: int = typer.Option(60),
+    threads: Optional[int] = typer.Option(None, min=1),
+    device: str = typer.Option("cpu"),
+    config: Optional[Path] = ConfigOpt,
+    out: Optional[Path] = typer.Option(None, help="JSON file for the rows (rewritten after every row)"),
+) -> None:
+    """Every rule at its paper defaults and its strength sweep on one tree family: τ, speedup vs
+    vanilla, exact per-node drift, judge accuracy and in-domain FID."""
+    import torch
+
+    from cascade_sd import api
+    from cascade_sd.bench import format_rule_table, run_rule_bench
+    from cascade_sd.io import atomic_write_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    b = api.load_bundle(bundle, device=device)
+    reference = None
+    if quality_images:
+        from cascade_sd.data import load_images
+
+        data = _config(config)["data"]
+        reference = load_images(data["source"], "test", data.get("root")).images
+    rows: list[dict[str, Any]] = []
+
+    def save(row: dict[str, Any]) -> None:
+        rows.append(row)
+        typer.echo(format_rule_table([row]).splitlines()[-1])
+        if out:
+            atomic_write_json(out, rows)
+
+    run_rule_bench(b, tree=tree, drafter=drafter, rules=rules.split(",") if rules else None,
+                   timing_images=timing_images, drift_images=drift_images, quality_images=quality_images,
+                   quality_batch=quality_batch, reference=reference, seed=seed,
+                   sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
+                   tree_options={"tree_top_k": tree_top_k, "depth": depth, "total_tokens": total_tokens}, on_row=save)
+    typer.echo(format_rule_table(rows))
+
+
 @app.command("rules")
 def rules_cmd() -> None:
     """List the acceptance rules: parameters, defaults, allowed values and whether a TV bound is declared."""

@@ -163,6 +163,8 @@ class AcceptanceRule(ABC):
     #: values relax more (``strength_increases``) or less (similarity thresholds).
     strength: ClassVar[str | None] = None
     strength_increases: ClassVar[bool] = True
+    #: Settings benchmarked and swept by the workflow: the paper's defaults ({}) first, then overrides.
+    sweep: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.parameters))

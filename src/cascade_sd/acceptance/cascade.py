@@ -72,6 +72,7 @@ class CascadeRule(AcceptanceRule):
     needs_tree = True
     strength = "tau_b"
     strength_increases = False
+    sweep = ({}, {"tau_b": 0.7, "tau_d": 0.5}, {"tau_b": 0.5, "tau_d": 0.3})
     parameters = dict(SIGNAL_PARAMS)
 
     # ------------------------------------------------------------------ signals (once per round)
@@ -169,6 +170,7 @@ class BoundedCascadeRule(CascadeRule):
     declares_bound = True
     strength = "eps"
     strength_increases = True
+    sweep = ({}, {"eps": 0.01}, {"eps": 0.2})
     parameters = {**SIGNAL_PARAMS, "eps": Param(0.05, lo=0.0, hi=1.0, doc="ε, per-node drift budget")}
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:

@@ -23,6 +23,7 @@ class CoolSDRule(AcceptanceRule):
     name = "coolsd"
     declares_bound = True
     strength = "delta"
+    sweep = ({}, {"delta": 2.0}, {"delta": 4.0})
     parameters = {
         "delta": Param(1.1, lo=0.0, lo_open=True, doc="δ, the relaxation knob (paper: 1.1 and 2)"),
         "nu": Param(0.7, lo=0.0, doc="ν, annealing rate over draft depth"),

@@ -22,6 +22,7 @@ class GSDRule(AcceptanceRule):
 
     name = "gsd"
     strength = "group_size"
+    sweep = ({}, {"group_size": 2}, {"group_size": 8})
     parameters = {
         "group_size": Param(4, kind="int", lo=0, doc="G: neighbours in probability order, G/2 each side (0 = strict)"),
         "p_threshold": Param(0.15, lo=0.0, hi=1.0, doc="probability-gap filter: min(p(x), p(y)) ≥ t·max(p(x), p(y))"),

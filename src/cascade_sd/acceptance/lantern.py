@@ -178,6 +178,7 @@ class LanternRule(_LatentProximity):
     name = "lantern"
     declares_bound = True
     strength = "delta"
+    sweep = ({}, {"delta": 0.05}, {"delta": 0.2}, {"delta": 0.4})
     parameters = {
         "k": Param(1000, kind="int", lo=1, doc="neighbours considered (default capped at V − 1)"),
         "delta": Param(0.1, lo=0.0, hi=1.0, doc="δ, largest neighbour mass moved onto the candidate"),
@@ -194,6 +195,7 @@ class LanternPPRule(_LatentProximity):
     name = "lantern_pp"
     declares_bound = True
     strength = "lam"
+    sweep = ({}, {"k": 5, "lam": 10.0}, {"k": 5, "lam": 20.0})
     parameters = {
         "k": Param(10, kind="int", lo=1, doc="neighbours considered (paper: 5 or 10)"),
         "lam": Param(5.0, lo=1.0, doc="λ ≥ 1, multiplicative bound p(A) ≤ λ·p(x) (paper: 5, 10, 20)"),

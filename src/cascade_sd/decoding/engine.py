@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -26,6 +27,7 @@ from cascade_sd.decoding.processing import SamplingParams, sample_from_law, spli
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, with_null_condition
 from cascade_sd.decoding.verify import walk_tree
+from cascade_sd.metrics.drift import DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
 
 
@@ -63,8 +65,10 @@ class SpeculativeEngine:
         params: SamplingParams,
         *,
         profile: bool = False,
+        drift: DriftRecorder | None = None,
     ) -> None:
         self.target = target
+        self.drift = drift
         self.drafter = drafter
         self.rule = rule
         self.tree = tree
@@ -308,8 +312,9 @@ class SpeculativeEngine:
                                 target_hidden=out.hidden[:b], drafter_logits=tree.drafter.logits,
                                 drafter_hidden=tree.drafter.hidden, drafter_ran=tree.drafter.ran)
                 prepared = self.rule.prepare(view)
+            visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m)
             walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0),
-                             view=view, prepared=prepared)
+                             view=view, prepared=prepared, visit=visit)
             a = torch.where(active, walk.accepted, torch.zeros_like(walk.accepted))
             depth_cap = walk.path.shape[1] - 1
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
@@ -334,7 +339,18 @@ class SpeculativeEngine:
             m = torch.where(active, m + a + 1, m)
             pend_len = torch.where(active, a + 1, torch.zeros_like(a))
         seconds = time.perf_counter() - start
-        return DecodeResult(tokens=tokens, stats=self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n))
+        stats = self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n)
+        arrays = {}
+        if self.drift is not None:
+            stats |= self.drift.summary()
+            arrays = {"drift": self.drift.drift, "drift_bound": self.drift.bound, "drift_exact": self.drift.exact}
+        return DecodeResult(tokens=tokens, stats=stats, arrays=arrays)
+
+    def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
+                      m: torch.Tensor) -> None:
+        """Drift of the verified nodes: the token a node at depth d emits lands at position m + d − 1."""
+        every = torch.arange(p.shape[0], device=p.device)
+        self.drift.visit(rows, m + ctx.depth - 1, p[every, nodes], tree.q[every, nodes], tree.sampled, ctx)
 
     def _prepare_static(self) -> None:
         tree: StaticTree = self.tree

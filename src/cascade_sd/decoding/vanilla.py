@@ -17,10 +17,11 @@ from cascade_sd.decoding.processing import SamplingParams, sample_from_law, targ
 
 @dataclass
 class DecodeResult:
-    """Tokens [B, N] of the image grid plus per-run statistics."""
+    """Tokens [B, N] of the image grid, per-run statistics and per-token arrays (e.g. drift [B, N])."""
 
     tokens: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)
 
 
 def with_null_condition(model: torch.nn.Module, cond: torch.Tensor, params: SamplingParams) -> torch.Tensor:

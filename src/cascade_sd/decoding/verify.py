@@ -9,7 +9,7 @@ the rule's final law. Vectorised over the batch: every row walks its own tree at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -51,13 +51,15 @@ def walk_tree(
     max_accept: torch.Tensor | None = None,
     view: TreeView | None = None,
     prepared: Any = None,
+    visit: Callable[[torch.Tensor, torch.Tensor, NodeContext], None] | None = None,
 ) -> WalkResult:
     """Verify ``tree`` against target laws ``p`` [B, T+1, V] (float64); see module docstring.
 
     ``max_accept`` [B] caps the accepted depth per row (rows near the end of the grid).
     Context-aware rules get ``view`` (the round's representations) and their ``prepared``
     signals; every node's context carries its depth, number of candidate children and the
-    rule's ``node_extras``.
+    rule's ``node_extras``. ``visit(rows, nodes, ctx)`` is told of every node whose candidates
+    are verified (drift recording).
     """
     batch, n_nodes, vocab = p.shape
     dev = p.device
@@ -84,6 +86,8 @@ def walk_tree(
             active &= ~stop
         if not walking.any():
             break
+        if visit is not None:
+            visit(walking.nonzero().squeeze(-1), cur, ctx)
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
         took = torch.zeros(batch, dtype=torch.bool, device=dev)
         pending = walking.clone()

@@ -38,21 +38,26 @@ def judge_input(judge: Judge, imgs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def judge_accuracy(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> float:
-    """Fraction of uint8 images [N, 1, 32, 32] the judge (eval mode, no grad) assigns to ``labels``."""
+def judge_correct(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
+    """Bool [N]: whether the judge (eval mode, no grad) assigns each uint8 image [N, 1, 32, 32] to its label."""
     _check_images("images", images)
     if images.shape[0] == 0 or tuple(labels.shape) != (images.shape[0],):
         raise DataError(f"labels must be [N] with N = {images.shape[0]} > 0, got {tuple(labels.shape)}")
     was_training = judge.training
     judge.eval()
     try:
-        correct = 0
+        out = []
         for start in range(0, images.shape[0], batch_size):
             logits = judge(judge_input(judge, images[start : start + batch_size]))
-            correct += int((logits.argmax(dim=1) == labels[start : start + batch_size].to(logits.device)).sum())
+            out.append((logits.argmax(dim=1) == labels[start : start + batch_size].to(logits.device)).cpu())
     finally:
         judge.train(was_training)
-    return correct / images.shape[0]
+    return torch.cat(out)
+
+
+def judge_accuracy(judge: Judge, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> float:
+    """Fraction of uint8 images [N, 1, 32, 32] the judge assigns to ``labels``."""
+    return float(judge_correct(judge, images, labels, batch_size=batch_size).double().mean())
 
 
 class JudgeFeatureExtractor(nn.Module):
