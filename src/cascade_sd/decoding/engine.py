@@ -69,6 +69,7 @@ class SpeculativeEngine:
     ) -> None:
         self.target = target
         self.drift = drift
+        self.stats = RoundStats()
         self.drafter = drafter
         self.rule = rule
         self.tree = tree
@@ -117,7 +118,7 @@ class SpeculativeEngine:
         mask[:, :, self.n_tokens : self.n_tokens + scratch.shape[-1]] = scratch
         return mask
 
-    def _draft_static(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor, gen) -> DraftTree:
+    def _draft_static(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor, gen, forced=None) -> DraftTree:
         tree: StaticTree = self.tree
         b, v = rnd.q_root.shape
         n1 = tree.size + 1
@@ -130,21 +131,25 @@ class SpeculativeEngine:
         valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
         parent, depth = self.static_parent, self.static_depth
         anc = self.static_anc.expand(b, n1, n1)
-        logits_all = torch.zeros(b, n1, v, device=self.device) if self.rule.needs_tree else None
+        logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
         if logits_all is not None:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
         for d, level in enumerate(self.static_levels, start=1):
             nodes, par, uniq, where, rank = level.nodes, level.parent, level.uniq, level.where, level.rank
-            # Children of one node: a without-replacement sample from q in rank order. Exponential
-            # race (Gumbel top-k in ratio form): the top-k of q(x)/E_x, E_x ~ Exp(1) i.i.d.
-            race = torch.empty(b, len(uniq), v, dtype=torch.float64, device=self.device).exponential_(generator=gen)
-            race.clamp_min_(1e-300)  # q = 0 must give key 0, never 0/0
-            keys = q[:, uniq] / race
-            if level.kmax > v:  # more ranks than tokens: the surplus children can never be drawn
-                keys = torch.cat([keys, keys.new_zeros((*keys.shape[:-1], level.kmax - v))], -1)
-            top_keys, top_tok = keys.topk(level.kmax, dim=-1)
-            tokens[:, nodes] = top_tok[:, where, rank].clamp(max=v - 1)
-            valid[:, nodes] = valid[:, par] & (top_keys[:, where, rank] > 0)
+            if forced is not None:  # analysis: the drafted tokens are given, not sampled
+                tokens[:, nodes] = forced[:, nodes].clamp_min(0)
+                valid[:, nodes] = valid[:, par] & (forced[:, nodes] >= 0)
+            else:
+                # Children of one node: a without-replacement sample from q in rank order. Exponential
+                # race (Gumbel top-k in ratio form): the top-k of q(x)/E_x, E_x ~ Exp(1) i.i.d.
+                race = torch.empty(b, len(uniq), v, dtype=torch.float64, device=self.device).exponential_(generator=gen)
+                race.clamp_min_(1e-300)  # q = 0 must give key 0, never 0/0
+                keys = q[:, uniq] / race
+                if level.kmax > v:  # more ranks than tokens: the surplus children can never be drawn
+                    keys = torch.cat([keys, keys.new_zeros((*keys.shape[:-1], level.kmax - v))], -1)
+                top_keys, top_tok = keys.topk(level.kmax, dim=-1)
+                tokens[:, nodes] = top_tok[:, where, rank].clamp(max=v - 1)
+                valid[:, nodes] = valid[:, par] & (top_keys[:, where, rank] > 0)
             if d < tree.depth:
                 pos = (self.cls + m - 1 + d)[:, None].expand(b, len(nodes)).clamp(max=self.max_pos)
                 slots = (self.n_tokens + nodes - 1)[None, :].expand(b, len(nodes))
@@ -175,7 +180,7 @@ class SpeculativeEngine:
         score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=dev)
         layer = torch.zeros(cap, dtype=torch.long, device=dev)
         qs = torch.zeros(b, cap, v, dtype=torch.float64, device=dev)
-        ls = torch.zeros(b, cap, v, device=dev) if self.rule.needs_tree else None
+        ls = torch.zeros(b, cap, v, dtype=rnd.logits_root.dtype, device=dev) if self.rule.needs_tree else None
         expanded = torch.zeros(b, cap, dtype=torch.bool, device=dev)
         hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=dev)
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
@@ -235,106 +240,134 @@ class SpeculativeEngine:
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
                          q=q, sampled=False, drafter=outputs)
 
-    # ------------------------------------------------------------------ decode
-    @torch.no_grad()
-    def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> DecodeResult:
-        """Generate the full token grid for each condition in ``cond`` ([B] labels)."""
+    # ------------------------------------------------------------------ round phases
+    def _setup(self, cond: torch.Tensor) -> torch.Tensor:
+        """Allocate both caches for ``cond`` [B] and return the condition streams ([cond; null] with CFG)."""
         target, drafter = self.target, self.drafter
         cfg = target.config
         self.cls, self.n_tokens = cfg.cls_token_num, cfg.block_size
         self.max_pos = cfg.cls_token_num + cfg.block_size - 1
-        t_nodes = self.tree.size
-        n, cls, dev = self.n_tokens, self.cls, self.device
-        b = cond.shape[0]
-        self.stats = RoundStats()
         if isinstance(self.tree, StaticTree):
             self._prepare_static()
-        start = time.perf_counter()
-        streams = with_null_condition(target, cond.to(dev), self.params)
-        t_slots = cls + n + t_nodes
-        target.setup_cache(streams.shape[0], t_slots, device=dev)
+        streams = with_null_condition(target, cond.to(self.device), self.params)
+        self.t_slots = self.cls + self.n_tokens + self.tree.size
+        target.setup_cache(streams.shape[0], self.t_slots, device=self.device)
         # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
-        scratch = t_nodes if isinstance(self.tree, StaticTree) else self.tree.candidates
-        self.drafter_slots = n + scratch + 1
-        trash = self.drafter_slots - 1
-        drafter.setup_cache(streams.shape[0], self.drafter_slots, device=dev)
+        scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
+        self.drafter_slots = self.n_tokens + scratch + 1
+        drafter.setup_cache(streams.shape[0], self.drafter_slots, device=self.device)
         if hasattr(drafter, "begin"):
             drafter.begin(streams)
-        layers = getattr(drafter, "needs_layers", False)
+        self.layers = getattr(drafter, "needs_layers", False)
+        return streams
 
-        pos = torch.arange(cls, device=dev)
-        out = self._timed("target", target.step, target.embed_cond(streams), positions=pos, slots=pos,
-                          attn_mask=causal_mask(0, cls, t_slots, dev), return_hidden=True, return_layers=layers)
+    def _prefill(self, streams: torch.Tensor):
+        """Target forward over the condition tokens; its last output gives p_0 and H_0."""
+        pos = torch.arange(self.cls, device=self.device)
+        return self._timed("target", self.target.step, self.target.embed_cond(streams), positions=pos, slots=pos,
+                           attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
+                           return_layers=self.layers)
+
+    def _catch_up(self, feats: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, pend_len: torch.Tensor,
+                  active: torch.Tensor) -> _Round:
+        """Drafter forward over the ``pend_len`` tokens committed last, from real target features."""
+        n, dev = self.n_tokens, self.device
+        trash = self.drafter_slots - 1
+        width = feats.shape[1]
+        j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
+        ok = (torch.arange(width, device=dev)[None] < pend_len[:, None]) & active[:, None]
+        slots = torch.where(ok, j, torch.full_like(j, trash))
+        keys = torch.arange(self.drafter_slots, device=dev)
+        mask = ((keys[None, None] <= j[..., None]) & ok[..., None]) | (~ok[..., None] & (keys == trash)[None, None])
+        logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (self.cls + j).clamp(max=self.max_pos),
+                                       slots, mask)
+        rows_r = torch.arange(feats.shape[0], device=dev)
+        last = self._rep((pend_len - 1).clamp_min(0))
+        root_logits = logits[rows_r, last]
+        return _Round(q_root=self._law(root_logits), h_root=h[rows_r, last], logits_root=root_logits)
+
+    def _verify(self, tree: DraftTree, m: torch.Tensor):
+        """One target forward over root + drafted nodes (tree attention, depth-based positions)."""
+        b, n1 = tree.tokens.shape
+        dev = self.device
+        base = self.cls + m - 1
+        t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
+        t_slot = base[:, None] + torch.arange(n1, device=dev)
+        t_mask = torch.arange(self.t_slots, device=dev)[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
+        anc = self.static_anc.expand(b, n1, n1) if isinstance(self.tree, StaticTree) else tree.ancestor_mask()
+        t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), anc)
+        out = self._timed("target", self.target.step, self.target.embed_tokens(self._rep(tree.tokens)),
+                          positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
+                          return_hidden=True, return_layers=self.layers)
+        p = self._law(out.logits)
+        view = prepared = None
+        if self.rule.needs_tree:
+            view = TreeView(tree=tree, p=p, target_logits=split_cfg(out.logits, self.params),
+                            target_hidden=out.hidden[:b], drafter_logits=tree.drafter.logits,
+                            drafter_hidden=tree.drafter.hidden, drafter_ran=tree.drafter.ran)
+            prepared = self.rule.prepare(view)
+        return out, p, view, prepared
+
+    def _draft(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor, generator, forced=None) -> DraftTree:
+        if isinstance(self.tree, StaticTree):
+            return self._draft_static(rnd, root_tok, m, generator, forced)
+        return self._draft_dynamic(rnd, root_tok, m)
+
+    @torch.no_grad()
+    def round_at(self, cond: torch.Tensor, prefix: torch.Tensor, *, forced: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
+        """The draft tree, target laws and rule view of the round that starts after ``prefix`` [B, m ≥ 1].
+
+        For analysis (exact laws on toy bundles): the same phases as ``decode``, with the committed
+        prefix teacher-forced. ``forced`` [B, T+1] fixes a static tree's drafted tokens instead of
+        sampling them (−1 = the child was not drawn).
+        """
+        streams = self._setup(cond)
+        b, m_len = prefix.shape
+        prefix = prefix.to(self.device)
+        out = self._prefill(streams)
+        feats = self.drafter.target_features(out)[:, -1:]
+        if m_len > 1:
+            pos = self.cls + torch.arange(m_len - 1, device=self.device)
+            out = self.target.step(self.target.embed_tokens(self._rep(prefix[:, :-1])), positions=pos, slots=pos,
+                                   attn_mask=causal_mask(self.cls, m_len - 1, self.t_slots, self.device),
+                                   return_hidden=True, return_layers=self.layers)
+            feats = torch.cat([feats, self.drafter.target_features(out)], 1)
+        m = torch.full((b,), m_len, dtype=torch.long, device=self.device)
+        rnd = self._catch_up(feats, prefix, m, m, torch.ones(b, dtype=torch.bool, device=self.device))
+        tree = self._draft(rnd, prefix[:, -1], m, generator, forced)
+        _, p, view, prepared = self._verify(tree, m)
+        return tree, p, view, prepared
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> DecodeResult:
+        """Generate the full token grid for each condition in ``cond`` ([B] labels)."""
+        self.stats = RoundStats()
+        start = time.perf_counter()
+        streams = self._setup(cond)
+        n, dev, b = self.n_tokens, self.device, cond.shape[0]
+        out = self._prefill(streams)
         tokens = torch.zeros(b, n, dtype=torch.long, device=dev)
         tokens[:, 0] = sample_from_law(self._law(out.logits[:, -1]), generator)
-        feats = drafter.target_features(out)[:, -1:]
+        feats = self.drafter.target_features(out)[:, -1:]
         m = torch.ones(b, dtype=torch.long, device=dev)
         pend_len = torch.ones(b, dtype=torch.long, device=dev)
         rows = torch.arange(b, device=dev)
-        rows_r = torch.arange(streams.shape[0], device=dev)
         while bool((m < n).any()):
             round_start = time.perf_counter()
             active = m < n
-            # 1. Drafter catch-up over the tokens committed last round, from real target features.
-            width = feats.shape[1]
-            j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
-            ok = (torch.arange(width, device=dev)[None] < pend_len[:, None]) & active[:, None]
-            slots = torch.where(ok, j, torch.full_like(j, trash))
-            keys = torch.arange(self.drafter_slots, device=dev)
-            mask = ((keys[None, None] <= j[..., None]) & ok[..., None]) | (~ok[..., None] & (keys == trash)[None, None])
-            logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (cls + j).clamp(max=self.max_pos),
-                                           slots, mask)
-            last = (pend_len - 1).clamp_min(0)
-            root_logits = logits[rows_r, self._rep(last)]
-            rnd = _Round(q_root=self._law(root_logits), h_root=h[rows_r, self._rep(last)], logits_root=root_logits)
-            root_tok = tokens[rows, (m - 1).clamp(max=n - 1)]
-            # 2. Draft tree.
-            if isinstance(self.tree, StaticTree):
-                tree = self._draft_static(rnd, root_tok, m, generator)
-            else:
-                tree = self._draft_dynamic(rnd, root_tok, m)
-            # 3. One target forward over root + drafted nodes (tree attention, depth-based positions).
-            n1 = t_nodes + 1
-            base = cls + m - 1
-            t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
-            t_slot = base[:, None] + torch.arange(n1, device=dev)
-            t_mask = torch.arange(t_slots, device=dev)[None, None].expand(b, n1, t_slots) < base[:, None, None]
-            anc = self.static_anc.expand(b, n1, n1) if isinstance(self.tree, StaticTree) else tree.ancestor_mask()
-            t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), anc)
-            out = self._timed("target", target.step, target.embed_tokens(self._rep(tree.tokens)),
-                              positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
-                              return_hidden=True, return_layers=layers)
-            p = self._law(out.logits)
+            # 1. Drafter catch-up; 2. draft tree; 3. one target forward over the tree.
+            rnd = self._catch_up(feats, tokens, m, pend_len, active)
+            tree = self._draft(rnd, tokens[rows, (m - 1).clamp(max=n - 1)], m, generator)
+            out, p, view, prepared = self._verify(tree, m)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
-            view = prepared = None
-            if self.rule.needs_tree:
-                view = TreeView(tree=tree, p=p, target_logits=split_cfg(out.logits, self.params),
-                                target_hidden=out.hidden[:b], drafter_logits=tree.drafter.logits,
-                                drafter_hidden=tree.drafter.hidden, drafter_ran=tree.drafter.ran)
-                prepared = self.rule.prepare(view)
             visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m)
             walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0),
                              view=view, prepared=prepared, visit=visit)
             a = torch.where(active, walk.accepted, torch.zeros_like(walk.accepted))
-            depth_cap = walk.path.shape[1] - 1
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
-            steps = torch.arange(depth_cap + 1, device=dev)
-            path_tok = tree.tokens.gather(1, walk.path.clamp_min(0))
-            new_tok = torch.where(steps[None] == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))
-            write = (steps[None] <= a[:, None]) & active[:, None]
-            idx = (m[:, None] + steps[None]).clamp(max=n - 1)
-            r, c = write.nonzero(as_tuple=True)
-            tokens[r, idx[r, c]] = new_tok[r, c]
-            k_steps = steps[1:]
-            src = base[:, None] + walk.path[:, 1:].clamp_min(0)
-            dst = base[:, None] + k_steps[None]
-            moving = k_steps[None] <= a[:, None]
-            noop = torch.full_like(src, t_slots - 1)
-            target.copy_cache(self._rep(torch.where(moving, src, noop)), self._rep(torch.where(moving, dst, noop)))
-            width = int(a.max()) + 1
-            feat_all = drafter.target_features(out)
-            pick = self._rep(walk.path[:, :width].clamp_min(0))
-            feats = feat_all.gather(1, pick[..., None].expand(-1, -1, feat_all.shape[-1]))
+            feats = self._commit(tokens, tree, walk, a, m, active, out)
             self.stats.record_round(a[active], time.perf_counter() - round_start, active_rows=int(active.sum()), batch=b)
             m = torch.where(active, m + a + 1, m)
             pend_len = torch.where(active, a + 1, torch.zeros_like(a))
@@ -345,6 +378,30 @@ class SpeculativeEngine:
             stats |= self.drift.summary()
             arrays = {"drift": self.drift.drift, "drift_bound": self.drift.bound, "drift_exact": self.drift.exact}
         return DecodeResult(tokens=tokens, stats=stats, arrays=arrays)
+
+    def _commit(self, tokens, tree: DraftTree, walk, a: torch.Tensor, m: torch.Tensor, active: torch.Tensor, out):
+        """Write accepted tokens + bonus into ``tokens`` (in place), move the accepted path's KV entries
+        into consecutive slots (no recompute) and return the drafter's next input features."""
+        n, dev = self.n_tokens, self.device
+        base = self.cls + m - 1
+        depth_cap = walk.path.shape[1] - 1
+        steps = torch.arange(depth_cap + 1, device=dev)
+        path_tok = tree.tokens.gather(1, walk.path.clamp_min(0))
+        new_tok = torch.where(steps[None] == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))
+        write = (steps[None] <= a[:, None]) & active[:, None]
+        idx = (m[:, None] + steps[None]).clamp(max=n - 1)
+        r, c = write.nonzero(as_tuple=True)
+        tokens[r, idx[r, c]] = new_tok[r, c]
+        k_steps = steps[1:]
+        src = base[:, None] + walk.path[:, 1:].clamp_min(0)
+        dst = base[:, None] + k_steps[None]
+        moving = k_steps[None] <= a[:, None]
+        noop = torch.full_like(src, self.t_slots - 1)
+        self.target.copy_cache(self._rep(torch.where(moving, src, noop)), self._rep(torch.where(moving, dst, noop)))
+        width = int(a.max()) + 1
+        feat_all = self.drafter.target_features(out)
+        pick = self._rep(walk.path[:, :width].clamp_min(0))
+        return feat_all.gather(1, pick[..., None].expand(-1, -1, feat_all.shape[-1]))
 
     def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
                       m: torch.Tensor) -> None:

@@ -5,7 +5,9 @@ point-mass candidates and single sampled candidates, and for several sampled sib
 V^n draw sequences stay small; beyond that (static trees with many children on a real
 vocabulary) the law is a Rao-Blackwellised Monte-Carlo estimate: sibling draws are sampled, the
 accept/reject coins are marginalised exactly. Its TV is biased upward by the sampling noise;
-such nodes are flagged as not exact.
+such nodes are flagged as not exact. Rules that read the draft tree (CASCADE) on sampled trees
+are also flagged: their node law is computed with the signals of the realised draft, which move
+with the very draws the law should be marginalised over, so it is conditional, not the node law.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def node_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, *, n_candid
     """(law [V], exact?) of one node: exact enumeration when tractable, else ``monte_carlo_law``."""
     support = int((q > 0).sum())
     n_eff = min(n_candidates, support)
+    exact = not (sampled and rule.needs_tree)
     if not sampled or n_eff <= 1 or float(support) ** n_eff * p.shape[-1] <= EXACT_LIMIT:
-        return induced_law(rule, p, q, n_candidates=n_candidates, sampled=sampled, context=ctx), True
+        return induced_law(rule, p, q, n_candidates=n_candidates, sampled=sampled, context=ctx), exact
     return monte_carlo_law(rule, p, q, n_candidates, ctx, mc_draws, generator), False
 
 

@@ -211,12 +211,17 @@ def precompute_rope_2d(
     return torch.cat([zeros, torch.cos(angles)]), torch.cat([zeros, torch.sin(angles)])
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or unchanged when it is already float64 (exact-law analyses run toy models in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` [B, T, H, head_dim] by cos/sin [T, head_dim/2] or [B, T, head_dim/2].
 
     Same arithmetic as LlamaGen's ``apply_rotary_emb`` (computed in float32, cast back).
     """
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    xs = at_least_float32(x).reshape(*x.shape[:-1], -1, 2)
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
@@ -268,7 +273,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension."""
-        xf = x.float()
+        xf = at_least_float32(x)
         out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -534,7 +539,7 @@ class GPT(nn.Module):
                 layers.append(h[:, start:])
         h = self.norm(h[:, start:])
         return GPTOutput(
-            logits=self.output(h).float(),
+            logits=at_least_float32(self.output(h)),
             hidden=h if return_hidden else None,
             layers=layers if return_layers else None,
         )
@@ -605,7 +610,7 @@ class GPT(nn.Module):
                 layers.append(h)
         h = self.norm(h)
         return GPTOutput(
-            logits=self.output(h).float(),
+            logits=at_least_float32(self.output(h)),
             hidden=h if return_hidden else None,
             layers=layers if return_layers else None,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cascade_sd.models.drafters.base import Drafter
-from cascade_sd.models.gpt import GPTOutput
+from cascade_sd.models.gpt import GPTOutput, at_least_float32
 
 
 class EagleDrafter(Drafter):
@@ -21,4 +21,4 @@ class EagleDrafter(Drafter):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The target's head applied directly: ĥ regresses onto post-norm target features (EAGLE-1's code)."""
-        return self.output(h).float()
+        return at_least_float32(self.output(h))

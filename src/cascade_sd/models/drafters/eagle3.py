@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cascade_sd.models.drafters.base import Drafter, DrafterConfig
-from cascade_sd.models.gpt import GPTOutput, RMSNorm
+from cascade_sd.models.gpt import GPTOutput, RMSNorm, at_least_float32
 
 
 class Eagle3Drafter(Drafter):
@@ -48,4 +48,4 @@ class Eagle3Drafter(Drafter):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Own RMSNorm, then the target's head."""
-        return self.output(self.norm(h)).float()
+        return at_least_float32(self.output(self.norm(h)))
