@@ -226,6 +226,8 @@ def decode_cmd(
     tree_top_k: int = typer.Option(10, help="dynamic tree: children per expanded node"),
     depth: int = typer.Option(5, help="dynamic tree: draft depth"),
     total_tokens: str = typer.Option("60", help="dynamic tree: nodes incl. root, or 'auto'"),
+    record_drift: bool = typer.Option(False, help="record exact per-node drift (drift.npz) for `cascade-sd audit`"),
+    drift_draws: int = typer.Option(512, min=1, help="Monte-Carlo draws for nodes with several sampled children"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Decode images with any method, tree and drafter; writes tokens, stats and a grid."""
@@ -237,9 +239,11 @@ def decode_cmd(
     b = api.load_bundle(bundle, device=device)
     lab = _parse_labels(labels, per_class, b.target.config.num_classes)
     total = total_tokens if total_tokens == "auto" else int(total_tokens)
+    rule_params = _rule_flags(ctx.args, method)
     res = api.decode(b, lab, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature, top_k=top_k,
                      top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
-                     **_rule_flags(ctx.args, method))
+                     record_drift=record_drift, drift_draws=drift_draws, **rule_params)
+    res.stats |= {"rule_params": rule_params, "seed": seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
     if b.tokenizer is not None:
@@ -247,8 +251,56 @@ def decode_cmd(
         from cascade_sd.jobs import decode_to_images
 
         save_grid(decode_to_images(b.tokenizer, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(lab), 10))
+    if record_drift:
+        atomic_savez(out_dir / "drift.npz", **res.arrays)
     atomic_write_json(out_dir / "stats.json", res.stats)
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
+
+
+@app.command("audit")
+def audit_cmd(
+    run: str = typer.Argument(..., help="a results folder (searched for drift.npz) or an MLflow run id"),
+    per_position: bool = typer.Option(False, help="also print the per-position table"),
+    tolerance: float = typer.Option(1e-9, min=0.0, help="allowed excess of measured drift over the bound"),
+    results: Path = typer.Option(Path("results"), help="results folder whose MLflow store holds the run"),
+) -> None:
+    """Measured drift vs declared bound per run and position; exit 1 when a bound is violated."""
+    from analysis.audit import audit_folder, format_audit
+    from cascade_sd.io import atomic_write_json, atomic_write_text
+
+    folder, run_id = Path(run), None
+    if not folder.is_dir():
+        import tempfile
+
+        import mlflow
+
+        from cascade_sd.tracking import default_tracking_uri
+
+        mlflow.set_tracking_uri(default_tracking_uri(results))
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=run, dst_path=tempfile.mkdtemp()))
+        except Exception as err:  # MLflow raises several types for an unknown run
+            raise CascadeError(f"run={run!r} is neither a folder nor an MLflow run id in {results} "
+                               f"({type(err).__name__})") from None
+        run_id = run
+    audits = audit_folder(folder, tolerance)
+    table = format_audit(audits, per_position=per_position)
+    typer.echo(table)
+    summary = [{"run": a.name, "method": a.method, "params": a.params, "verdict": a.verdict,
+                "violations": a.violations, "inconclusive": a.inconclusive, **a.sequence} for a in audits]
+    if run_id is None:
+        atomic_write_text(folder / "audit.md", table + "\n")
+        atomic_write_json(folder / "audit.json", summary)
+    else:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        client.log_text(run_id, table + "\n", "audit.md")
+        client.log_dict(run_id, summary, "audit.json")
+        client.log_metric(run_id, "audit_violations", sum(a.violations for a in audits))
+    if any(a.verdict == "violated" for a in audits):
+        typer.echo("error: a declared drift bound is violated", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("bench", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP)

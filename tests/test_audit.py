@@ -1,0 +1,78 @@
+"""`cascade-sd audit` (issue 5 item 6): a deliberately wrong bound fails, a correct one passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cascade_sd import api
+from cascade_sd.acceptance import register
+from cascade_sd.acceptance.coolsd import CoolSDRule
+from cascade_sd.acceptance.registry import RULES
+from cascade_sd.cli import app
+from cascade_sd.io import atomic_savez, atomic_write_json
+
+BUNDLE = "toy:vocab=16,len=6,seed=0"
+
+
+class _UnderstatedCoolSD(CoolSDRule):
+    """COOL-SD claiming a tenth of its true per-node bound: a wrong declaration."""
+
+    name = "understated_coolsd"
+
+    def tv_bound(self, p, q, ctx, *, sampled=True):
+        return super().tv_bound(p, q, ctx, sampled=sampled) / 10
+
+
+@pytest.fixture
+def understated():
+    register(_UnderstatedCoolSD)
+    yield
+    RULES.pop("understated_coolsd")
+
+
+def write_run(folder, method: str, **params) -> None:
+    res = api.decode(api.load_bundle(BUNDLE), [0, 1, 0, 1], method=method, tree="chain-3", seed=2, cfg_scale=2.0,
+                     record_drift=True, **params)
+    atomic_savez(folder / "drift.npz", **res.arrays)
+    atomic_write_json(folder / "stats.json", res.stats | {"rule_params": params})
+
+
+def test_audit_passes_a_correct_bound_and_fails_a_wrong_one(tmp_path, understated):
+    runner = CliRunner()
+    write_run(tmp_path / "good", "coolsd", delta=4.0)
+    ok = runner.invoke(app, ["audit", str(tmp_path / "good")])
+    assert ok.exit_code == 0, ok.output
+    assert "within bound" in ok.output
+    write_run(tmp_path / "bad", "understated_coolsd", delta=4.0)
+    bad = runner.invoke(app, ["audit", str(tmp_path)])
+    assert bad.exit_code == 1
+    assert "violated" in bad.output and "within bound" in bad.output
+    summary = json.loads((tmp_path / "audit.json").read_text())
+    assert {s["verdict"] for s in summary} == {"violated", "within bound"}
+
+
+def test_audit_reads_and_logs_an_mlflow_run(tmp_path):
+    run_dir = tmp_path / "out"
+    write_run(run_dir, "coolsd", delta=2.0)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    (tmp_path / "mlflow").mkdir(exist_ok=True)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(run_dir))
+    result = CliRunner().invoke(app, ["audit", run.info.run_id, "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"audit.md", "audit.json"} <= artifacts
+
+
+def test_audit_of_a_folder_without_drift_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cascade_sd.cli", "audit", str(tmp_path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "holds no drift.npz" in result.stderr
