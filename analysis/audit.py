@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from analysis.estimators import sequence_bound
+from cascade_sd.acceptance import RULES
 from cascade_sd.errors import DataError
 
 TOLERANCE = 1e-9
@@ -89,7 +90,8 @@ def format_audit(audits: list[RunAudit], *, per_position: bool = False) -> str:
     for a in audits:
         drift = np.array([r["drift_mean"] for r in a.rows])
         bound = np.array([r["bound_mean"] for r in a.rows])
-        params = ", ".join(f"{k}={v}" for k, v in a.params.items()) or "defaults"
+        defaults = RULES[a.method].defaults() if a.method in RULES else {}
+        params = ", ".join(f"{k}={v}" for k, v in a.params.items() if defaults.get(k, object()) != v) or "defaults"
         seq = a.sequence
         lines.append(
             f"| {a.name} | {a.method} | {params} | {drift.mean():.4g} | {max(r['drift_max'] for r in a.rows):.4g} "

@@ -135,14 +135,16 @@ def decode(
     total_tokens: int | str = 60,
     profile: bool = False,
     record_drift: bool = False,
-    drift_draws: int = 512,
+    drift_draws: int = 256,
+    drift_rows: int | None = None,
     **rule_params: Any,
 ) -> DecodeResult:
     """Decode one image per label; ``method="vanilla"`` is plain AR decoding, otherwise a rule name.
 
     ``record_drift`` computes, at every verified node, TV(law the node emits, p) through the
-    rule's own methods (``result.arrays["drift"]`` [B, N], summaries in ``stats``); it uses its
-    own random stream, so the decoded tokens do not change. Everything is validated (one-line
+    rule's own methods (``result.arrays["drift"]`` [rows, N], summaries in ``stats``) for the
+    first ``drift_rows`` images (default all); it uses its own random stream, so the decoded
+    tokens do not change. Everything is validated (one-line
     errors) before any compute starts.
     """
     check_choice("method", method, ["vanilla", *RULES])
@@ -159,15 +161,18 @@ def decode(
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
     check_int("drift_draws", drift_draws, 1)
+    if drift_rows is not None:
+        check_int("drift_rows", drift_rows, 1)
     recorder = None
     if record_drift:
-        recorder = DriftRecorder(rule, labels.shape[0], bundle.target.config.block_size, mc_draws=drift_draws,
+        rows = labels.shape[0] if drift_rows is None else min(drift_rows, labels.shape[0])
+        recorder = DriftRecorder(rule, rows, bundle.target.config.block_size, mc_draws=drift_draws,
                                  generator=torch.Generator().manual_seed(seed + 1))
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile,
                                drift=recorder)
     result = engine.decode(labels, gen)
-    result.stats |= {"method": method, "tree": tree, "drafter": drafter, "total_tokens": total_tokens
-                     if tree == "dynamic" else shape.size + 1}
+    result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
+                     "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1}
     return result
 
 

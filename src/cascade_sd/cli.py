@@ -227,7 +227,8 @@ def decode_cmd(
     depth: int = typer.Option(5, help="dynamic tree: draft depth"),
     total_tokens: str = typer.Option("60", help="dynamic tree: nodes incl. root, or 'auto'"),
     record_drift: bool = typer.Option(False, help="record exact per-node drift (drift.npz) for `cascade-sd audit`"),
-    drift_draws: int = typer.Option(512, min=1, help="Monte-Carlo draws for nodes with several sampled children"),
+    drift_draws: int = typer.Option(256, min=1, help="Monte-Carlo draws for nodes with several sampled children"),
+    drift_rows: Optional[int] = typer.Option(None, min=1, help="record drift for the first N images only"),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Decode images with any method, tree and drafter; writes tokens, stats and a grid."""
@@ -242,8 +243,8 @@ def decode_cmd(
     rule_params = _rule_flags(ctx.args, method)
     res = api.decode(b, lab, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature, top_k=top_k,
                      top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
-                     record_drift=record_drift, drift_draws=drift_draws, **rule_params)
-    res.stats |= {"rule_params": rule_params, "seed": seed}
+                     record_drift=record_drift, drift_draws=drift_draws, drift_rows=drift_rows, **rule_params)
+    res.stats["seed"] = seed
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
     if b.tokenizer is not None:

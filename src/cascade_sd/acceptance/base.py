@@ -163,6 +163,9 @@ class AcceptanceRule(ABC):
     #: values relax more (``strength_increases``) or less (similarity thresholds).
     strength: ClassVar[str | None] = None
     strength_increases: ClassVar[bool] = True
+    #: Whether the bonus law after rejecting a single sampled candidate is the same for every
+    #: candidate (strict-type residuals); lets ``induced_law`` skip enumerating the draws.
+    residual_independent_of_candidate: ClassVar[bool] = False
     #: Settings benchmarked and swept by the workflow: the paper's defaults ({}) first, then overrides.
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 

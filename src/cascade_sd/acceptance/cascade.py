@@ -69,6 +69,7 @@ class CascadeRule(AcceptanceRule):
     """Faithful CASCADE: boosted acceptance, strict residual; declares no bound."""
 
     name = "cascade"
+    residual_independent_of_candidate = True  # strict residual / G*, whatever x was
     needs_tree = True
     strength = "tau_b"
     strength_increases = False

@@ -21,6 +21,7 @@ class CoolSDRule(AcceptanceRule):
     """Annealed ratio relaxation with the TV-optimal residual; declares its per-node TV bound."""
 
     name = "coolsd"
+    residual_independent_of_candidate = True  # strict residual / G*, whatever x was
     declares_bound = True
     strength = "delta"
     sweep = ({}, {"delta": 2.0}, {"delta": 4.0})

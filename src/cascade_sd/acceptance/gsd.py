@@ -21,6 +21,7 @@ class GSDRule(AcceptanceRule):
     """Cluster-level acceptance with the strict residual; no declared bound."""
 
     name = "gsd"
+    residual_independent_of_candidate = True  # strict residual / G*, whatever x was
     strength = "group_size"
     sweep = ({}, {"group_size": 2}, {"group_size": 8})
     parameters = {

@@ -12,6 +12,7 @@ reproduced: drafts here always follow the drafter's own law.)
 from __future__ import annotations
 
 import hashlib
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -58,8 +59,11 @@ def neighbour_table(codebook: torch.Tensor, k: int, cache_dir: str | Path | None
 class _LatentProximity(AcceptanceRule):
     """Shared mechanics of LANTERN and LANTERN++; subclasses define the admissible neighbour mass."""
 
-    residual_param = "residual"
     neighbours: torch.Tensor | None = None
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self._k_explicit = "k" in params
 
     def bind(self, resources: RuleResources) -> None:
         """Build (or fetch) the neighbour table of the bundle's codebook; cap or check k against V − 1."""
@@ -75,13 +79,9 @@ class _LatentProximity(AcceptanceRule):
             k = self.params["k"] = resources.vocab - 1
         self.neighbours = neighbour_table(resources.codebook, k, resources.cache_dir).long()
 
-    def __init__(self, **params) -> None:
-        super().__init__(**params)
-        self._k_explicit = "k" in params
-
+    @abstractmethod
     def threshold(self, px: torch.Tensor) -> torch.Tensor:
         """Largest admissible neighbour mass c_{m*} for candidates with p_j(x) = ``px``."""
-        raise NotImplementedError
 
     def _nbrs(self, x: torch.Tensor) -> torch.Tensor:
         if self.neighbours is None:
@@ -108,7 +108,7 @@ class _LatentProximity(AcceptanceRule):
     def _zeroed(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Mask [B, V] of the tokens the residual loses: A (clean) or x with all k neighbours."""
         nbrs, inside, _ = self._set(p, x)
-        if self.params[self.residual_param] == "reference-code":
+        if self.params["residual"] == "reference-code":
             inside = torch.ones_like(inside)
         mask = torch.zeros_like(p, dtype=torch.bool).scatter(-1, x.unsqueeze(-1), True)
         return mask.scatter(-1, nbrs, inside) | mask
@@ -133,7 +133,7 @@ class _LatentProximity(AcceptanceRule):
         strict = (p - q).clamp_min(0.0)
         total = strict.sum(-1, keepdim=True)
         r = torch.where(total > 0, strict / total.clamp_min(1e-300), torch.zeros_like(strict))
-        zeroed = inside if self.params[self.residual_param] == "clean" else torch.ones_like(inside)
+        zeroed = inside if self.params["residual"] == "clean" else torch.ones_like(inside)
         lost = (r.unsqueeze(1).expand(b, v, v).gather(-1, nbrs) * zeroed).sum(-1)
         extra = torch.minimum((q - p).clamp_min(0.0), c).sum(-1)
         rejections = (q - p - c).clamp_min(0.0)
@@ -163,7 +163,7 @@ class _LatentProximity(AcceptanceRule):
         for j in range(int(n.max()) if n.numel() else 0):
             x = order[:, j]
             nbrs, _, c = self._set(state.p, x)
-            if self.params[self.residual_param] == "reference-code":  # all k neighbours lose their mass
+            if self.params["residual"] == "reference-code":  # all k neighbours lose their mass
                 c = state.p.gather(-1, nbrs).sum(-1)
             live = j < n
             bound = bound + torch.where(live, reach * c, torch.zeros_like(c))

@@ -36,6 +36,7 @@ class StrictRule(AcceptanceRule):
     """Lossless verification; declares a per-node TV bound of exactly 0."""
 
     name = "strict"
+    residual_independent_of_candidate = True  # strict residual / G*, whatever x was
     declares_bound = True
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
