@@ -271,19 +271,31 @@ def test_every_rule_declares_its_bound_or_none():
         assert RULES[name].strength in RULES[name].parameters
 
 
-@pytest.mark.parametrize("name", [n for n, cls in RULES.items() if cls.residual_independent_of_candidate])
+@pytest.mark.parametrize("name", ["strict", *RELAXED])
 @given(node_inputs())
 @fast(40)
 def test_single_sample_fast_path_equals_the_enumeration(name, inputs):
-    """Rules whose residual ignores the rejected candidate get an O(V) induced law; it must be
-    the enumerated one, and the claim itself (same bonus law after any rejection) must hold."""
+    """Rules with a vectorised single-sample law must give exactly the enumerated one; for the
+    default path, the claim behind it (same bonus law after any rejection) must hold too."""
     p, q, _, _, ctx = inputs
     rule = make(name, p.shape[-1], **STRONG.get(name, {}))
-    fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
-    rule.residual_independent_of_candidate = False
-    slow_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
-    assert torch.allclose(fast_law, slow_law, atol=TOL, rtol=0)
-    state = NodeState(p=p[None], q=q[None])
     one = NodeContext(depth=ctx.depth, extras=ctx.extras)
-    laws = [rule.bonus_law(rule.reject(state, torch.tensor([x]), one), one)[0] for x in torch.nonzero(q > 0).flatten()]
-    assert all(torch.allclose(law, laws[0], atol=1e-12, rtol=0) for law in laws)
+    assert rule.single_sample_law(NodeState(p=p[None], q=q[None]), one) is not None
+    fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
+    slow_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx, vectorised=False)
+    assert torch.allclose(fast_law, slow_law, atol=TOL, rtol=0)
+    if rule.residual_independent_of_candidate:
+        state = NodeState(p=p[None], q=q[None])
+        laws = [rule.bonus_law(rule.reject(state, torch.tensor([x]), one), one)[0]
+                for x in torch.nonzero(q > 0).flatten()]
+        assert all(torch.allclose(law, laws[0], atol=1e-12, rtol=0) for law in laws)
+
+
+@given(node_inputs())
+@fast(40)
+def test_lantern_reference_code_fast_path_equals_the_enumeration(inputs):
+    p, q, _, _, ctx = inputs
+    rule = make("lantern", p.shape[-1], k=3, delta=0.3, residual="reference-code")
+    fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
+    slow_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx, vectorised=False)
+    assert torch.allclose(fast_law, slow_law, atol=TOL, rtol=0)

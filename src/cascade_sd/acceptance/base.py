@@ -208,6 +208,22 @@ class AcceptanceRule(ABC):
         """Law [B, V] of the token emitted after every sibling was rejected (or at a leaf)."""
         return state.p
 
+    def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor | None:
+        """Law [V] emitted with one candidate x ~ q from ``state`` (one row), or None to enumerate.
+
+        Default, for rules whose bonus law after a rejection is the same whatever x was:
+        law = q·a + (1 − Σ_x q(x)·a(x))·R, through the rule's own methods in one vectorised call.
+        """
+        if not self.residual_independent_of_candidate:
+            return None
+        vocab = state.p.shape[-1]
+        q = state.q[0]
+        every = NodeState(p=state.p.expand(vocab, vocab), q=state.q.expand(vocab, vocab))
+        a = self.accept_prob(every, torch.arange(vocab, device=q.device), ctx) * (q > 0)
+        drawn = torch.argmax(q).view(1)
+        residual = self.bonus_law(self.reject(state, drawn, ctx), ctx)[0]
+        return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
+
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor | None:
         """Declared per-node bound [B] on TV(induced law, p) for ``ctx.n_candidates`` siblings drawn
         from q (``sampled``) or q's top tokens as point masses; None when the rule states none."""

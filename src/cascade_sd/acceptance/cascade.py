@@ -3,7 +3,7 @@
 Two signals per round (every choice a named option, reconstructed from the authors' code):
 - breadth: nodes of one tree level whose next-token predictions are nearly the same (cosine of
   their representations > ``tau_b``) are interchangeable; S(x) = the other nodes of x's level
-  paired with x. Representations: ``logits`` (centred, top-``breadth_top_k`` kept, L2-normalised),
+  paired with x. Representations: ``logits`` (top-``breadth_top_k`` kept, the rest zeroed, L2-normalised),
   ``probs`` or ``hidden`` (mean removed), from the drafter or the target (``breadth_source``);
   drafter leaves have no output and pair with nothing.
 - depth: s_d = cosine between the target's representation at the parent and at x (``logits`` or
@@ -59,10 +59,10 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
 
 
 def _logit_repr(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Centred logits with all but the top_k entries zeroed, L2-normalised."""
-    centred = logits.double() - logits.double().mean(-1, keepdim=True)
-    keep = centred.topk(min(top_k, centred.shape[-1]), dim=-1).indices
-    return _unit(torch.zeros_like(centred).scatter(-1, keep, centred.gather(-1, keep)))
+    """Logits with all but the top_k entries zeroed, L2-normalised (DESIGN 4.7)."""
+    logits = logits.double()
+    keep = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+    return _unit(torch.zeros_like(logits).scatter(-1, keep, logits.gather(-1, keep)))
 
 
 class CascadeRule(AcceptanceRule):

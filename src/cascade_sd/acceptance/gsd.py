@@ -45,8 +45,12 @@ class GSDRule(AcceptanceRule):
             return members
         if self.codebook is None:
             raise ConfigError("rule 'gsd' has no codebook; call bind() first")
-        order = torch.argsort(p, dim=-1, descending=True, stable=True)
-        rank = torch.argsort(order, dim=-1).gather(-1, x.unsqueeze(-1))
+        if p.shape[0] > 1 and p.stride(0) == 0:  # one law broadcast over many candidates: sort it once
+            order = torch.argsort(p[:1], dim=-1, descending=True, stable=True).expand_as(p)
+            rank = torch.argsort(order[:1], dim=-1).expand_as(p).gather(-1, x.unsqueeze(-1))
+        else:
+            order = torch.argsort(p, dim=-1, descending=True, stable=True)
+            rank = torch.argsort(order, dim=-1).gather(-1, x.unsqueeze(-1))
         offsets = torch.arange(-half, half + 1, device=p.device)
         window = (rank + offsets).clamp(0, p.shape[-1] - 1)
         tokens = order.gather(-1, window)

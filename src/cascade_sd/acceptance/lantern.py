@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cascade_sd.acceptance.base import (AcceptanceRule, NodeContext, NodeState, Param, RuleResources, chain_bound,
-                                        gather, normalise, remove_token)
+from cascade_sd.acceptance.base import (MASS_EPS, AcceptanceRule, NodeContext, NodeState, Param, RuleResources,
+                                        chain_bound, gather, normalise, remove_token)
 from cascade_sd.errors import ConfigError, check_range
 from cascade_sd.io import atomic_torch_save
 
@@ -122,6 +122,35 @@ class _LatentProximity(AcceptanceRule):
         residual = normalise((state.p - state.q).clamp_min(0.0) * keep, outside)
         return NodeState(p=residual, q=remove_token(state.q, x))
 
+    def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
+        """The enumerated law in O(V·k) (``accept_prob``'s formula for every token at once): the
+        residual after rejecting x is a base law with x's zeroed set Z_x removed and
+        renormalised, so Σ_x w_x·R_x is one scatter over the neighbour table (same fallbacks as
+        ``reject``; tests prove it equals the enumeration)."""
+        p, q = state.p[0], state.q[0]
+        nbrs, inside, c = self._set_all(state.p)
+        nbrs, inside, c = nbrs[0], inside[0], c[0]
+        # accept_prob for every token at once: min(1, p(A_x)/q(x)), 0 where q(x) = 0
+        a = torch.where(q > 0, ((p + c) / q.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(q))
+        weight = q * (1 - a)  # probability of drawing and rejecting each x
+        if self.params["residual"] == "reference-code":
+            inside = torch.ones_like(inside)
+        strict = (p - q).clamp_min(0.0)
+        law = q * a
+        # Z_x = {x} ∪ its zeroed neighbours; R_x = base∘1[∉Z_x] / mass, base = [p − q]_+, else p.
+        flat = nbrs.flatten()
+        for base in (strict, p):
+            near = base[nbrs] * inside
+            mass = base.sum() - base - near.sum(-1)  # base outside Z_x, for every x
+            # Emptiness by support count (exact), not by the rounded mass difference.
+            live = (base > 0).sum() - (base > 0).long() - (near > 0).sum(-1)
+            use = (weight > 0) & (live > 0)
+            coef = torch.where(use, weight / mass.clamp_min(MASS_EPS), torch.zeros_like(weight))
+            removed = torch.zeros_like(p).index_add_(0, flat, (coef.unsqueeze(-1) * inside).flatten()) + coef
+            law = law + base * (coef.sum() - removed)
+            weight = torch.where(use, torch.zeros_like(weight), weight)
+        return law + weight.sum() * p  # both empty: ``normalise`` falls back to p
+
     def _first_sampled(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(β₀, a₀) of one sibling drawn from q: coupling with strict verification (DESIGN 6).
 
@@ -142,11 +171,12 @@ class _LatentProximity(AcceptanceRule):
 
     def _set_all(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_set`` for every token of the vocabulary at once: [B, V, k] / [B, V]."""
-        b, v = p.shape
-        nbrs = self._nbrs(torch.arange(v, device=p.device)).expand(b, v, -1)
-        mass = p.unsqueeze(1).expand(b, v, v).gather(-1, nbrs)
+        if self.neighbours is None:
+            raise ConfigError(f"rule {self.name!r} has no neighbour table; call bind() with a codebook first")
+        nbrs = self.neighbours.to(p.device)
+        mass = p[:, nbrs]
         inside = mass.cumsum(-1) <= self.threshold(p).unsqueeze(-1)
-        return nbrs, inside, (mass * inside).sum(-1)
+        return nbrs.expand(p.shape[0], *nbrs.shape), inside, (mass * inside).sum(-1)
 
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
         """Sampled siblings: coupling bound β₀ + (1 − a₀)·(n − 1) (capped at 1; the papers' per-node

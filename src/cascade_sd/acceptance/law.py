@@ -31,19 +31,6 @@ def _take(state: NodeState, idx: torch.Tensor) -> NodeState:
     return NodeState(p=state.p[idx], q=None if state.q is None else state.q[idx])
 
 
-def _single_sample_law(rule: AcceptanceRule, state: NodeState, ctx: NodeContext) -> torch.Tensor:
-    """One candidate x ~ q when the post-rejection bonus law R does not depend on x:
-    law = q·a + (1 − Σ_x q(x)·a(x))·R, in O(V) calls instead of V branches (same methods)."""
-    vocab = state.p.shape[-1]
-    tokens = torch.arange(vocab)
-    every = NodeState(p=state.p.expand(vocab, vocab), q=state.q.expand(vocab, vocab))
-    q = state.q[0]
-    a = rule.accept_prob(every, tokens, ctx) * (q > 0)
-    drawn = int(torch.argmax(q))
-    residual = rule.bonus_law(rule.reject(state, torch.tensor([drawn]), ctx), ctx)[0]
-    return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
-
-
 def induced_law(
     rule: AcceptanceRule,
     p: torch.Tensor,
@@ -53,6 +40,7 @@ def induced_law(
     sampled: bool = True,
     depth: int = 1,
     context: NodeContext | None = None,
+    vectorised: bool = True,
 ) -> torch.Tensor:
     """Law [V] (float64) of the token a node emits, marginalised over draft draws and coins.
 
@@ -60,14 +48,18 @@ def induced_law(
     support is smaller); ``sampled=False``: q's top ``n_candidates`` tokens as point masses.
     The draw probabilities follow the drafter's sampling (q without the earlier siblings),
     independently of whatever proposal the rule's state carries, as in the engine.
+    With ``vectorised`` (default) a single sampled candidate uses the rule's
+    ``single_sample_law`` when it has one (tests prove each equal to this enumeration).
     """
     p, q = _as_rows(p), _as_rows(q)
     ctx = replace(context, n_candidates=n_candidates) if context else NodeContext(depth=depth, n_candidates=n_candidates)
     vocab = p.shape[-1]
     law = torch.zeros(vocab, dtype=torch.float64)
     state = rule.start(p, q, sampled, ctx)
-    if sampled and n_candidates == 1 and rule.residual_independent_of_candidate:
-        return _single_sample_law(rule, state, ctx)
+    if sampled and n_candidates == 1 and vectorised:
+        fast = rule.single_sample_law(state, ctx)
+        if fast is not None:
+            return fast
     weight = torch.ones(1, dtype=torch.float64)
     if not sampled:
         order = torch.argsort(q[0], descending=True, stable=True)[:n_candidates]
