@@ -61,9 +61,10 @@ def test_audit_passes_a_correct_bound_and_fails_a_wrong_one(tmp_path, understate
 def test_audit_reads_and_logs_an_mlflow_run(tmp_path):
     run_dir = tmp_path / "out"
     write_run(run_dir, "coolsd", delta=2.0)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     (tmp_path / "mlflow").mkdir(exist_ok=True)
-    with mlflow.start_run() as run:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("audit", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifacts(str(run_dir))
     result = CliRunner().invoke(app, ["audit", run.info.run_id, "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output

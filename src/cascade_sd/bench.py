@@ -102,10 +102,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def rule_settings(rules: Iterable[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(rule, parameters) pairs: strict, then every rule's sweep (its paper defaults first)."""
+def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(rule, parameters) pairs: every rule's sweep (its paper defaults first), or its defaults only."""
     names = list(rules) if rules else list(RULES)
-    return [(name, dict(setting)) for name in names for setting in RULES[name].sweep]
+    return [(name, dict(setting)) for name in names for setting in RULES[name].sweep[: 1 if defaults_only else None]]
 
 
 def _quality(bundle: api.Bundle, tokens: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
@@ -137,6 +137,7 @@ def run_rule_bench(
     seed: int = 0,
     sampling: dict[str, Any] | None = None,
     tree_options: dict[str, Any] | None = None,
+    defaults_only: bool = False,
     on_row=None,
 ) -> list[dict[str, Any]]:
     """Every rule setting on one tree family vs vanilla, in one process.
@@ -149,7 +150,7 @@ def run_rule_bench(
     """
     sampling, tree_options = sampling or {}, tree_options or {}
     SamplingParams(**sampling)
-    settings = [("vanilla", {})] + rule_settings(rules)
+    settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only)
     for name, params in settings[1:]:
         get_rule(name, **params)  # validate every setting before any compute
     bundle.drafter(drafter)
