@@ -159,6 +159,22 @@ class CascadeRule(AcceptanceRule):
         relaxed = torch.where(qx > s, (px / (qx - s).clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(px))
         return torch.where(qx > 0, relaxed, torch.zeros_like(px))
 
+    def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
+        """The base class's vectorised law without its V×V intermediates: only the listed children
+        can be boosted, every other token is accepted with the strict ratio (``boost`` is 0)."""
+        q, vocab = state.q[0], state.q.shape[-1]
+        every = NodeState(p=state.p.expand(vocab, -1), q=state.q.expand(vocab, -1))  # views, no V×V copy
+        a = strict_ratio(every, torch.arange(vocab, device=q.device))
+        kids = ctx.extras.get("child_tokens")
+        if kids is not None:
+            kids = kids[0][kids[0] >= 0]
+            rows = kids.shape[0]
+            boosted = self.accept_prob(NodeState(p=state.p.expand(rows, -1), q=state.q.expand(rows, -1)), kids, ctx)
+            a = a.scatter(0, kids, boosted)
+        a = a * (q > 0)
+        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
+        return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
+
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """Faithful: the strict residual unchanged (as the authors' code does)."""
         return strict_residual(state, x)

@@ -69,6 +69,33 @@ class GSDRule(AcceptanceRule):
         qc = (state.q * members).sum(-1)
         return torch.where(gather(state.q, x) > 0, (pc / qc.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(pc))
 
+    def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
+        """The base class's vectorised law in O(V·G): every token's cluster from its rank window
+        (in-range ranks only, so each member counts once), without V×V membership masks."""
+        half = self.params["group_size"] // 2
+        if half == 0:
+            return super().single_sample_law(state, ctx)
+        if self.codebook is None:
+            raise ConfigError("rule 'gsd' has no codebook; call bind() first")
+        p, q = state.p[0], state.q[0]
+        vocab = p.shape[-1]
+        order = torch.argsort(p, descending=True, stable=True)
+        rank = torch.argsort(order)
+        offsets = torch.tensor([o for o in range(-half, half + 1) if o != 0], device=p.device)
+        window = rank[:, None] + offsets
+        inside = (window >= 0) & (window < vocab)
+        tokens = order[window.clamp(0, vocab - 1)]
+        py = p[tokens]
+        gap_ok = torch.minimum(p[:, None], py) >= self.params["p_threshold"] * torch.maximum(p[:, None], py)
+        book = self.codebook.to(p.device)
+        dist_ok = (book[tokens] - book[:, None]).norm(dim=-1) <= self.params["dist_threshold"]
+        member = inside & gap_ok & dist_ok
+        pc = p + (py * member).sum(-1)
+        qc = q + (q[tokens] * member).sum(-1)
+        a = torch.where(q > 0, (pc / qc.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(q))
+        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
+        return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
+
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """The strict residual."""
         return strict_residual(state, x)
