@@ -8,7 +8,6 @@ import sys
 
 import mlflow
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cascade_sd import api

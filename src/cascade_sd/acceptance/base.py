@@ -217,11 +217,15 @@ class AcceptanceRule(ABC):
         if not self.residual_independent_of_candidate:
             return None
         vocab = state.p.shape[-1]
-        q = state.q[0]
         every = NodeState(p=state.p.expand(vocab, vocab), q=state.q.expand(vocab, vocab))
-        a = self.accept_prob(every, torch.arange(vocab, device=q.device), ctx) * (q > 0)
-        drawn = torch.argmax(q).view(1)
-        residual = self.bonus_law(self.reject(state, drawn, ctx), ctx)[0]
+        return self._mix_with_residual(state, ctx, self.accept_prob(every, torch.arange(vocab, device=state.p.device), ctx))
+
+    def _mix_with_residual(self, state: NodeState, ctx: NodeContext, accept: torch.Tensor) -> torch.Tensor:
+        """q·a + (1 − Σ q·a)·R for acceptance ``accept`` [V] of every token and the candidate-independent
+        bonus law R after a rejection (taken after rejecting q's most likely token)."""
+        q = state.q[0]
+        a = accept * (q > 0)
+        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
         return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
 
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor | None:

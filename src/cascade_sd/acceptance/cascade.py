@@ -171,9 +171,7 @@ class CascadeRule(AcceptanceRule):
             rows = kids.shape[0]
             boosted = self.accept_prob(NodeState(p=state.p.expand(rows, -1), q=state.q.expand(rows, -1)), kids, ctx)
             a = a.scatter(0, kids, boosted)
-        a = a * (q > 0)
-        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
-        return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
+        return self._mix_with_residual(state, ctx, a)
 
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """Faithful: the strict residual unchanged (as the authors' code does)."""

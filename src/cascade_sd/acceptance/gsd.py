@@ -92,9 +92,7 @@ class GSDRule(AcceptanceRule):
         member = inside & gap_ok & dist_ok
         pc = p + (py * member).sum(-1)
         qc = q + (q[tokens] * member).sum(-1)
-        a = torch.where(q > 0, (pc / qc.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(q))
-        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
-        return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
+        return self._mix_with_residual(state, ctx, (pc / qc.clamp_min(1e-300)).clamp(max=1.0))
 
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """The strict residual."""
