@@ -299,3 +299,24 @@ def test_lantern_reference_code_fast_path_equals_the_enumeration(inputs):
     fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
     slow_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx, vectorised=False)
     assert torch.allclose(fast_law, slow_law, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("lantern", {"k": 60, "delta": 0.3}), ("lantern", {"k": 60, "delta": 0.6, "residual": "reference-code"}),
+    ("lantern_pp", {"k": 60, "lam": 30.0}),
+])
+@pytest.mark.parametrize("sharpness", [0.5, 2.0, 6.0])
+def test_lantern_scan_over_many_chunks_matches_the_enumeration(name, params, sharpness):
+    """The neighbour scan stops early and works in growing chunks; with k = 60 it spans several
+    chunks, and its law and coupling bound must still be the enumeration's (flat and peaked laws)."""
+    gen = torch.Generator().manual_seed(int(sharpness * 10))
+    p, q = (torch.softmax(sharpness * torch.randn(64, generator=gen, dtype=torch.float64), -1) for _ in range(2))
+    rule = make(name, 64, **params)
+    fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True)
+    slow_law = induced_law(rule, p, q, n_candidates=1, sampled=True, vectorised=False)
+    assert torch.allclose(fast_law, slow_law, atol=TOL, rtol=0)
+    assert rule.tv_bound(p[None], q[None], NodeContext(), sampled=True)[0] >= 0.5 * (fast_law - p).abs().sum() - TOL
+    scan = rule._scan(p, q)
+    assert scan.rejected.numel() < 64
+    if sharpness == 6.0:  # peaked laws: several rejectable tokens whose scan leaves the first chunk
+        assert scan.rejected.numel() > 5 and int(scan.m.max()) > 8

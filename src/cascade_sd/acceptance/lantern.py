@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,16 @@ from cascade_sd.errors import ConfigError, check_range
 from cascade_sd.io import atomic_torch_save
 
 _TABLES: dict[tuple[str, int], torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One node's neighbour scan: c [V] (exact on W, else truncated once p + c ≥ q), the tokens W
+    that can be rejected (q(x) > p(x) + c_x, sorted) and their m* [|W|]."""
+
+    c: torch.Tensor
+    rejected: torch.Tensor
+    m: torch.Tensor
 
 
 def neighbour_table(codebook: torch.Tensor, k: int, cache_dir: str | Path | None = None) -> torch.Tensor:
@@ -84,9 +95,7 @@ class _LatentProximity(AcceptanceRule):
         """Largest admissible neighbour mass c_{m*} for candidates with p_j(x) = ``px``."""
 
     def _nbrs(self, x: torch.Tensor) -> torch.Tensor:
-        if self.neighbours is None:
-            raise ConfigError(f"rule {self.name!r} has no neighbour table; call bind() with a codebook first")
-        return self.neighbours.to(x.device)[x]
+        return self._table(x.device)[x]
 
     def _set(self, p: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(neighbours [..., k], in-A mask [..., k], c_{m*} [...]) of candidates x under law p."""
@@ -122,61 +131,94 @@ class _LatentProximity(AcceptanceRule):
         residual = normalise((state.p - state.q).clamp_min(0.0) * keep, outside)
         return NodeState(p=residual, q=remove_token(state.q, x))
 
+    def _scan(self, p: torch.Tensor, q: torch.Tensor) -> _Scan:
+        """Neighbour scan of every token x of one node (p, q: [V]), only as far as the law needs.
+
+        Tokens with q(x) ≤ p(x) are always accepted, and a scan stops once p(x) + c ≥ q(x) (then
+        too). Only the rest, W, are ever rejected; for them the scan runs to m* so that c and A_x
+        are complete. Chunks grow geometrically; carrying the running sum into each chunk's
+        cumsum keeps the comparisons identical to ``_set``'s single cumsum.
+        """
+        nbrs = self._table(p.device)
+        thr = self.threshold(p)
+        c, m = torch.zeros_like(p), torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+        active, open_ = torch.nonzero(q > p).flatten(), []
+        start, width = 0, 8
+        while active.numel() and start < nbrs.shape[1]:
+            block = nbrs[:, start:start + width][active]  # slice first: a view, then gather
+            cum = torch.cat([c[active, None], p[block]], dim=-1).cumsum(-1)[:, 1:]
+            count = (cum <= thr[active, None]).sum(-1)  # a prefix: cum is non-decreasing
+            m[active] += count
+            c[active] = torch.where(count > 0, cum.gather(-1, (count - 1).clamp_min(0)[:, None])[:, 0], c[active])
+            stopped = count < block.shape[1]
+            saturated = p[active] + c[active] >= q[active]
+            open_.append(active[stopped & ~saturated])
+            active = active[~stopped & ~saturated]
+            start, width = start + width, width * 2
+        rejected = torch.cat([*open_, active]).sort().values
+        return _Scan(c=c, rejected=rejected, m=m[rejected])
+
     def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
-        """The enumerated law in O(V·k) (``accept_prob``'s formula for every token at once): the
-        residual after rejecting x is a base law with x's zeroed set Z_x removed and
-        renormalised, so Σ_x w_x·R_x is one scatter over the neighbour table (same fallbacks as
+        """The enumerated law in O(V·|W|) (``accept_prob``'s formula for every token at once): the
+        residual after rejecting x ∈ W is a base law with x's zeroed set Z_x removed and
+        renormalised, so Σ_x w_x·R_x is one matrix product over W's keep-masks (same fallbacks as
         ``reject``; tests prove it equals the enumeration)."""
         p, q = state.p[0], state.q[0]
-        nbrs, inside, c = self._set_all(state.p)
-        nbrs, inside, c = nbrs[0], inside[0], c[0]
-        # accept_prob for every token at once: min(1, p(A_x)/q(x)), 0 where q(x) = 0
-        a = torch.where(q > 0, ((p + c) / q.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(q))
-        weight = q * (1 - a)  # probability of drawing and rejecting each x
-        if self.params["residual"] == "reference-code":
-            inside = torch.ones_like(inside)
-        strict = (p - q).clamp_min(0.0)
-        law = q * a
-        # Z_x = {x} ∪ its zeroed neighbours; R_x = base∘1[∉Z_x] / mass, base = [p − q]_+, else p.
-        flat = nbrs.flatten()
-        for base in (strict, p):
-            near = base[nbrs] * inside
-            mass = base.sum() - base - near.sum(-1)  # base outside Z_x, for every x
-            # Emptiness by support count (exact), not by the rounded mass difference.
-            live = (base > 0).sum() - (base > 0).long() - (near > 0).sum(-1)
+        scan = self._scan(p, q)
+        w = scan.rejected
+        nbrs, inside = self._zeroed_rows(scan)
+        # accept_prob: min(1, p(A_x)/q(x)) is 1 off W (and q(x)·a = 0 where q(x) = 0)
+        weight = q[w] - p[w] - scan.c[w]  # q(x)·(1 − a(x)) > 0: drawing and rejecting x ∈ W
+        law = q.clone()
+        law[w] = p[w] + scan.c[w]
+        # keep[x] marks the tokens outside Z_x = {x} ∪ its zeroed neighbours; R_x = base∘keep[x] / mass,
+        # base = [p − q]_+, else p. Masses are summed directly: 1 − base(Z_x) would cancel badly.
+        keep = torch.ones(w.numel(), p.shape[0], dtype=torch.bool, device=p.device)
+        keep.scatter_(1, nbrs, ~inside).scatter_(1, w[:, None], False)  # neighbour rows hold distinct tokens
+        for base in ((p - q).clamp_min(0.0), p):
+            mass = (base * keep).sum(-1)
+            live = ((base > 0) & keep).sum(-1)  # emptiness by support count (exact), not by rounded mass
             use = (weight > 0) & (live > 0)
             coef = torch.where(use, weight / mass.clamp_min(MASS_EPS), torch.zeros_like(weight))
-            removed = torch.zeros_like(p).index_add_(0, flat, (coef.unsqueeze(-1) * inside).flatten()) + coef
-            law = law + base * (coef.sum() - removed)
+            law = law + base * (coef @ keep.to(base.dtype))
             weight = torch.where(use, torch.zeros_like(weight), weight)
         return law + weight.sum() * p  # both empty: ``normalise`` falls back to p
+
+    def _zeroed_rows(self, scan: _Scan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour rows [|W|, k'] of W and the mask of those the residual zeroes (A_x \\ x, or all k)."""
+        table = self._table(scan.c.device)
+        if self.params["residual"] == "reference-code":
+            nbrs = table[scan.rejected]
+            return nbrs, torch.ones_like(nbrs, dtype=torch.bool)
+        width = int(scan.m.max()) if scan.m.numel() else 0
+        nbrs = table[scan.rejected, :width]
+        return nbrs, torch.arange(width, device=nbrs.device) < scan.m[:, None]
 
     def _first_sampled(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(β₀, a₀) of one sibling drawn from q: coupling with strict verification (DESIGN 6).
 
         β₀ = Σ_y min([q(y) − p(y)]_+, c(y)) (extra acceptance) + Σ_y [q(y) − p(A_y)]_+ · r(Z_y \\ y)
-        (rejections whose residual lost the zeroed set Z_y that the strict residual r keeps).
+        (rejections whose residual lost the zeroed set Z_y that the strict residual r keeps);
+        both sums only involve tokens with q(y) > p(y), the second only W.
         """
-        b, v = p.shape
-        nbrs, inside, c = self._set_all(p)
-        strict = (p - q).clamp_min(0.0)
-        total = strict.sum(-1, keepdim=True)
-        r = torch.where(total > 0, strict / total.clamp_min(1e-300), torch.zeros_like(strict))
-        zeroed = inside if self.params["residual"] == "clean" else torch.ones_like(inside)
-        lost = (r.unsqueeze(1).expand(b, v, v).gather(-1, nbrs) * zeroed).sum(-1)
-        extra = torch.minimum((q - p).clamp_min(0.0), c).sum(-1)
-        rejections = (q - p - c).clamp_min(0.0)
-        accept = torch.minimum(q, p + c).sum(-1)
-        return extra + (rejections * lost).sum(-1), accept
+        first, accept = [], []
+        for pr, qr in zip(p, q):
+            scan = self._scan(pr, qr)
+            w = scan.rejected
+            strict = (pr - qr).clamp_min(0.0)
+            total = strict.sum()
+            r = strict / total if total > 0 else torch.zeros_like(strict)
+            nbrs, zeroed = self._zeroed_rows(scan)
+            rejections = qr[w] - pr[w] - scan.c[w]
+            extra = torch.minimum((qr - pr).clamp_min(0.0), scan.c).sum()
+            first.append(extra + (rejections * (r[nbrs] * zeroed).sum(-1)).sum())
+            accept.append(qr.sum() - rejections.sum())
+        return torch.stack(first), torch.stack(accept)
 
-    def _set_all(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``_set`` for every token of the vocabulary at once: [B, V, k] / [B, V]."""
+    def _table(self, device: torch.device) -> torch.Tensor:
         if self.neighbours is None:
             raise ConfigError(f"rule {self.name!r} has no neighbour table; call bind() with a codebook first")
-        nbrs = self.neighbours.to(p.device)
-        mass = p[:, nbrs]
-        inside = mass.cumsum(-1) <= self.threshold(p).unsqueeze(-1)
-        return nbrs.expand(p.shape[0], *nbrs.shape), inside, (mass * inside).sum(-1)
+        return self.neighbours.to(device)
 
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
         """Sampled siblings: coupling bound β₀ + (1 − a₀)·(n − 1) (capped at 1; the papers' per-node
