@@ -22,6 +22,7 @@ include: "workflow/rules/target.smk"
 include: "workflow/rules/judge.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/drafter.smk"
+include: "workflow/rules/grid.smk"
 
 
 rule all:
@@ -29,5 +30,8 @@ rule all:
         expand(f"{R}/samples/vanilla/seed{{seed}}/grid.png", seed=config["sample"]["seeds"]),
         expand(f"{R}/eval/vanilla_seed{{seed}}.json", seed=config["sample"]["seeds"]),
         f"{R}/summary.md",
-        expand(f"{R}/models/drafter-{{arch}}.pt", arch=config["drafter"]["archs"]),
+        BUNDLE["drafters"],
+        rules.grid_figures.output,
+        rules.grid_audit.output,
+        rules.redundancy_heatmaps.output,
     default_target: True

@@ -3,10 +3,13 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -14,18 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def snakemake(*args: str, timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run this checkout's workflow with the test's interpreter on PATH (SQLite tracking unless ``env`` says)."""
+    full = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full | (env or {}))
 
 
-@pytest.mark.parametrize("extra", [[], ["--configfile", ".test/config.yaml"]])
+@pytest.mark.parametrize("extra", [[], ["--configfile", ".test/config.yaml"], ["--profile", "profiles/gpu"],
+                                   ["--profile", "profiles/slurm"]], ids=["default", "test", "gpu", "slurm"])
 def test_dry_run(extra, tmp_path):
     res = snakemake("-n", *extra, "--config", f"results={tmp_path}/results")
     assert res.returncode == 0, res.stderr[-2000:]
-    for rule in ("mlflow_init", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla", "summary"):
+    for rule in ("mlflow_init", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla", "summary",
+                 "train_drafter", "grid_decode", "grid_evaluate", "grid_audit", "grid_figures", "redundancy_heatmaps"):
         assert rule in res.stdout
+    resolved = yaml.safe_load((tmp_path / "results/config.resolved.yaml").read_text())
+    if "profiles/gpu" in extra:
+        assert resolved["device"] == "cuda" and resolved["decode"]["batch_size"] == 200
 
 
 def test_lint_is_clean():
@@ -42,11 +52,24 @@ def test_bad_config_is_rejected_before_any_job(tmp_path):
     assert not (tmp_path / "r" / "mlflow").exists()
 
 
+def _runs(results: Path) -> tuple[dict, list]:
+    import mlflow
+
+    info = json.loads((results / "mlflow/parent.json").read_text())
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    return info, mlflow.search_runs(experiment_ids=[info["experiment_id"]], output_format="list")
+
+
+TIMING_KEYS = {"vanilla_seconds_per_image", "seconds_per_image", "speedup"}
+
+
 @pytest.mark.slow
 def test_ci_workflow_runs_end_to_end(tmp_path):
-    """The `.test` config runs the whole DAG: models, samples, evaluation, summary, MLflow runs."""
+    """The `.test` config runs the whole DAG (models, decode grid, evaluation, audit, figures, heat-maps,
+    MLflow runs); a job killed with SIGKILL is redone and never counted as done; a cell decoded twice
+    gives the same tokens and metrics."""
     results = tmp_path / "results"
-    res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=900)
+    res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=1200)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     for seed in (0, 1):
         assert (results / f"samples/vanilla/seed{seed}/grid.png").stat().st_size > 0
@@ -56,16 +79,64 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     assert target["test_nll_bits"] > 0
     assert "| vanilla | 1 |" in (results / "summary.md").read_text()
 
-    import mlflow
+    figures = results / "figures"
+    for name in ("pareto", "strength", "drift_vs_bound", "accept_hist", "samples", "redundancy_breadth",
+                 "redundancy_depth", "results_table"):
+        assert (figures / f"{name}.csv").stat().st_size > 0
+    table = (figures / "results_table.md").read_text()
+    for method in ("vanilla", "strict", "lantern", "lantern_pp", "coolsd", "gsd", "cascade", "cascade_bounded"):
+        assert f"| {method} |" in table
+    assert "eagle-rw2" in table
+    audit = json.loads((results / "decode/audit.json").read_text())
+    assert audit and all(a["verdict"] != "violated" for a in audit)
+    cells = sorted((results / "decode").glob("**/seed0/stats.json"))
+    assert len(cells) == 10
 
-    info = json.loads((results / "mlflow/parent.json").read_text())
-    mlflow.set_tracking_uri(info["tracking_uri"])
-    runs = mlflow.search_runs(experiment_ids=[info["experiment_id"]], output_format="list")
+    info, runs = _runs(results)
     jobs = {r.data.tags.get("cascade_sd.job") for r in runs if r.info.run_id != info["parent_run_id"]}
-    assert {"data", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla_seed0"} <= jobs
+    assert {"data", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla_seed0",
+            "train_drafter_eagle_rw2", "grid_reference", "audit", "figures", "redundancy_heatmaps"} <= jobs
+    assert sum(j.startswith("decode ") for j in jobs) == 20 and sum(j.startswith("evaluate ") for j in jobs) == 10
     assert all(r.info.status == "FINISHED" for r in runs if r.info.run_id != info["parent_run_id"])
 
-    # A second invocation has nothing to do (outputs are complete and up to date).
+    # Same config and seed: identical tokens and metrics (timings aside).
+    lantern = next(c.parent for c in cells if "method~lantern/" in str(c))
+    cell = dict(part.split("~", 1) for part in lantern.parent.relative_to(results / "decode").parts)
+    again = subprocess.run([str(BIN / "cascade-sd"), "grid", "decode", "-c", str(results / "config.resolved.yaml"),
+                            "--bundle", str(results / "models"), *[f"--{k}={v}" for k, v in cell.items()],
+                            "--seed", "0", "--out-dir", str(tmp_path / "again")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    first, second = (json.loads((d / "stats.json").read_text()) for d in (lantern, tmp_path / "again"))
+    assert {k: v for k, v in first.items() if k not in TIMING_KEYS} == {k: v for k, v in second.items() if k not in TIMING_KEYS}
+    for name in ("tokens.npz", "drift.npz"):
+        a, b = np.load(lantern / name), np.load(tmp_path / "again" / name)
+        assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a.files)
+
+    # SIGKILL mid-job: no output is taken as done, the killed run is not FINISHED, the rerun completes.
+    victim = lantern
+    for f in victim.iterdir():
+        f.unlink()
+    job = f"decode lantern [{cell['tree']}, {cell['drafter']}] seed0"
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--configfile", ".test/config.yaml", "--config", f"results={results}",
+                             "--cores", "2"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job]:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    killed = [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job]
+    assert len(killed) == 1 and killed[0].info.status != "FINISHED"
+    assert not (victim / "stats.json").exists()
+    assert snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--unlock").returncode == 0
+    rerun = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=600)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
+    assert json.loads((victim / "stats.json").read_text())["tau"] == first["tau"]
+    statuses = sorted(r.info.status for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job)
+    assert statuses == ["FINISHED", "RUNNING"]
+
+    # A further invocation has nothing to do (outputs are complete and up to date).
     again = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     shutil.rmtree(results)

@@ -39,6 +39,22 @@ def _timed_runs(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def time_images(bundle: api.Bundle, method: str, opts: dict[str, Any], images: int, *, seed: int,
+                sampling: dict[str, Any]) -> tuple[float, list[float]]:
+    """Total wall time of decoding ``images`` images one at a time (synchronised) and each one's τ."""
+    device = next(bundle.target.parameters()).device
+    classes = bundle.target.config.num_classes
+    total, taus = 0.0, []
+    for i in range(images):
+        _sync(device)
+        start = time.perf_counter()
+        res = api.decode(bundle, [i % classes], method=method, seed=seed + i, **sampling, **opts)
+        _sync(device)
+        total += time.perf_counter() - start
+        taus.append(res.stats.get("mean_accepted_length", 1.0))
+    return total, taus
+
+
 def run_bench(
     bundle: api.Bundle,
     *,
@@ -154,26 +170,14 @@ def run_rule_bench(
     for name, params in settings[1:]:
         get_rule(name, **params)  # validate every setting before any compute
     bundle.drafter(drafter)
-    device = next(bundle.target.parameters()).device
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
     base_seconds = None
     for name, params in settings:
         opts = {} if name == "vanilla" else {"tree": tree, "drafter": drafter, **tree_options, **params}
 
-        def timed_pass() -> tuple[float, list[float]]:
-            total, accepted = 0.0, []
-            for i in range(timing_images):
-                _sync(device)
-                start = time.perf_counter()
-                res = api.decode(bundle, [i % classes], method=name, seed=seed + i, **sampling, **opts)
-                _sync(device)
-                total += time.perf_counter() - start
-                accepted.append(res.stats.get("mean_accepted_length", 1.0))
-            return total, accepted
-
-        timed_pass()  # warm-up
-        seconds, taus = timed_pass()
+        time_images(bundle, name, opts, timing_images, seed=seed, sampling=sampling)  # warm-up
+        seconds, taus = time_images(bundle, name, opts, timing_images, seed=seed, sampling=sampling)
         base_seconds = seconds if name == "vanilla" else base_seconds
         row = {"tree": tree if name != "vanilla" else "-", "drafter": drafter if name != "vanilla" else "-",
                "method": name, "params": params, "seconds": seconds, "speedup": base_seconds / seconds,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from cascade_sd.cli_grid import grid_app
 from cascade_sd.config import load_config, validate_config
 from cascade_sd.errors import CascadeError
 
@@ -25,6 +26,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Dataset checks.")
 app.add_typer(train_app, name="train")
 app.add_typer(track_app, name="track")
 app.add_typer(data_app, name="data")
+app.add_typer(grid_app, name="grid")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML (defaults: workflow/schemas/config.schema.yaml).")
 
@@ -264,6 +266,7 @@ def audit_cmd(
     per_position: bool = typer.Option(False, help="also print the per-position table"),
     tolerance: float = typer.Option(1e-9, min=0.0, help="allowed excess of measured drift over the bound"),
     results: Path = typer.Option(Path("results"), help="results folder whose MLflow store holds the run"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="workflow config: log a folder's audit as a child run"),
 ) -> None:
     """Measured drift vs declared bound per run and position; exit 1 when a bound is violated."""
     from analysis.audit import audit_folder, format_audit
@@ -292,6 +295,15 @@ def audit_cmd(
     if run_id is None:
         atomic_write_text(folder / "audit.md", table + "\n")
         atomic_write_json(folder / "audit.json", summary)
+        if config is not None:
+            from cascade_sd.tracking import child_run
+
+            cfg = _config(config)
+            with child_run(cfg["results"], "audit", params={"folder": str(folder), "tolerance": tolerance}) as run:
+                run.metrics({"audit_runs": len(audits), "audit_violations": sum(a.violations for a in audits),
+                             "audit_inconclusive": sum(a.inconclusive for a in audits)})
+                run.artifact(folder / "audit.md")
+                run.artifact(folder / "audit.json")
     else:
         from mlflow import MlflowClient
 

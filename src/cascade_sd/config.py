@@ -65,6 +65,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_describe(errors[0]))
+    from cascade_sd.grid import check_decode
+
+    check_decode(value)
     return value
 
 

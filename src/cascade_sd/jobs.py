@@ -303,7 +303,8 @@ def train_drafter_job(
         drafter, metrics = train_drafter(
             target.to(device), data, arch, steps=dc["steps"], batch_size=dc["batch_size"], lr=dc["lr"],
             seed=config["seed"], max_seconds=dc["max_seconds"], unroll=dc["unroll"] if arch == "eagle3" else 1,
-            redundancy_weight=redundancy_weight, on_log=_log_progress(run),
+            redundancy_weight=redundancy_weight, redundancy_threshold=dc["redundancy_threshold"],
+            on_log=_log_progress(run),
         )
         metrics = metrics | {"arch": arch, "redundancy_weight": redundancy_weight}
         metrics["checkpoint_hash"] = save_drafter(out, drafter.cpu(), extra={"metrics": metrics, "target_hash": ckpt.hash})

@@ -20,25 +20,27 @@ rule distill:
 
 
 rule train_drafter:
-    """Train an EAGLE (eagle) or EAGLE-3 (eagle3) drafter for the target."""
+    """Train an EAGLE (eagle) or EAGLE-3 (eagle3) drafter, plain or with CASCADE's redundancy weight w (-rw<w>)."""
     input:
         target=rules.train_target.output.model,
         distill=rules.distill.output,
     output:
-        model=f"{R}/models/drafter-{{arch}}.pt",
-        metrics=f"{R}/metrics/drafter-{{arch}}.json",
+        model=f"{R}/models/drafter-{{name}}.pt",
+        metrics=f"{R}/metrics/drafter-{{name}}.json",
     wildcard_constraints:
-        arch="eagle|eagle3",
+        name=r"eagle3?(-rw[0-9.]+)?",
     params:
         cfg=CFG,
         drafter=config["drafter"],
+        arch=lambda wc: wc.name.split("-rw")[0],
+        weight=lambda wc: wc.name.split("-rw")[1] if "-rw" in wc.name else "1",
     threads: config["threads"]
     log:
-        f"{R}/logs/train_drafter_{{arch}}.log",
+        f"{R}/logs/train_drafter_{{name}}.log",
     benchmark:
-        f"{R}/benchmarks/train_drafter_{{arch}}.tsv"
+        f"{R}/benchmarks/train_drafter_{{name}}.tsv"
     conda:
         "../../environment.yml"
     shell:
-        "cascade-sd train drafter -c {params.cfg} --arch {wildcards.arch} --target {input.target}"
-        " --distill {input.distill} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+        "cascade-sd train drafter -c {params.cfg} --arch {params.arch} --redundancy-weight {params.weight}"
+        " --target {input.target} --distill {input.distill} --out {output.model} --metrics {output.metrics} > {log} 2>&1"

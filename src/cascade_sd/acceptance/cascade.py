@@ -85,8 +85,7 @@ class CascadeRule(AcceptanceRule):
         parent = tree.parent.clamp_min(0)
         depth_boost = torch.zeros(b, n1, dtype=torch.float64, device=tree.tokens.device)
         if prm["depth_signal"]:
-            rep = _centred(view.target_hidden) if prm["depth_repr"] == "hidden" else _unit(view.target_logits)
-            sim = (rep * rep[rows, parent]).sum(-1)
+            sim = self.depth_similarity(view)
             p_par = view.p[rows, parent]
             if prm["gate"] == "kl":
                 kl = (p_par * (p_par.clamp_min(1e-300).log() - view.p.clamp_min(1e-300).log())).where(p_par > 0, 0.0)
@@ -98,14 +97,30 @@ class CascadeRule(AcceptanceRule):
             depth_boost = torch.where(ok, sim, depth_boost)
         pairs = torch.zeros(b, n1, n1, dtype=torch.bool, device=tree.tokens.device)
         if prm["breadth"]:
-            rep, has = self._breadth_repr(view)
-            sim = rep @ rep.transpose(1, 2)
-            same_level = tree.depth[:, :, None] == tree.depth[:, None, :]
-            other = ~torch.eye(n1, dtype=torch.bool, device=pairs.device)
-            pairs = (sim > prm["tau_b"]) & same_level & other & has[:, :, None] & has[:, None, :]
-            pairs[:, 0] = False
-            pairs[:, :, 0] = False
+            sim, comparable = self.breadth_similarity(view)
+            pairs = (sim > prm["tau_b"]) & comparable
         return Signals(depth_boost=depth_boost, pairs=pairs)
+
+    def depth_similarity(self, view: TreeView) -> torch.Tensor:
+        """s_d of every node [B, T+1]: cosine of the target's representation at the node and at its parent."""
+        tree = view.tree
+        rows = torch.arange(tree.tokens.shape[0], device=tree.tokens.device)[:, None]
+        rep = _centred(view.target_hidden) if self.params["depth_repr"] == "hidden" else _unit(view.target_logits)
+        return (rep * rep[rows, tree.parent.clamp_min(0)]).sum(-1)
+
+    def breadth_similarity(self, view: TreeView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine [B, T+1, T+1] between node representations, mask of the pairs the breadth signal may
+        use: two distinct drafted nodes of one level, both with a representation)."""
+        tree = view.tree
+        n1 = tree.tokens.shape[1]
+        rep, has = self._breadth_repr(view)
+        sim = rep @ rep.transpose(1, 2)
+        same_level = tree.depth[:, :, None] == tree.depth[:, None, :]
+        other = ~torch.eye(n1, dtype=torch.bool, device=sim.device)
+        comparable = same_level & other & has[:, :, None] & has[:, None, :]
+        comparable[:, 0] = False
+        comparable[:, :, 0] = False
+        return sim, comparable
 
     def _breadth_repr(self, view: TreeView) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit representations [B, T+1, ·], which nodes have one [B, T+1])."""

@@ -1,0 +1,228 @@
+"""Figures and the results table of the decode grid (DESIGN 9), each PNG with the CSV behind it.
+
+Input: the per-cell evaluation JSONs (``cascade-sd grid evaluate``) and each cell's sample grid.
+Output in one folder: ``results_table.{csv,md}`` (the papers' columns plus drift), ``pareto``
+(speedup vs in-domain FID per rule), ``strength`` (τ and speedup vs relaxation strength),
+``drift_vs_bound``, ``accept_hist`` (accepted-length histograms) and ``samples`` (one grid per
+method at its defaults).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cascade_sd.acceptance import RULES  # noqa: E402
+from cascade_sd.io import atomic_write_text  # noqa: E402
+
+TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min", "speedup_max",
+                 "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
+                 "judge_upper", "drift_mean", "drift_bound_mean", "sequence_bound", "sequence_lower",
+                 "sequence_upper", "images"]
+
+
+def load_evals(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Evaluation JSONs in grid order (vanilla first)."""
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def table_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per cell with the columns of ``TABLE_COLUMNS``."""
+    rows = []
+    for e in evals:
+        ci = lambda key: e.get(key) or [None, None]  # noqa: E731
+        rows.append({
+            "method": e["method"], "setting": e["setting"], "tree": e["tree"], "drafter": e["drafter"],
+            "tau": e["tau"], "speedup": e["speedup"], "speedup_min": e["speedup_range"][0],
+            "speedup_max": e["speedup_range"][1], "fid_in_domain": e["fid_in_domain"],
+            "fid_corrected": e["fid_in_domain_corrected"],
+            "fid_lower": ci("fid_in_domain_ci")[0], "fid_upper": ci("fid_in_domain_ci")[1],
+            "kid_in_domain": e["kid_in_domain"], "kid_lower": ci("kid_in_domain_ci")[0],
+            "kid_upper": ci("kid_in_domain_ci")[1], "judge_accuracy": e["judge_accuracy"],
+            "judge_lower": ci("judge_accuracy_ci")[0], "judge_upper": ci("judge_accuracy_ci")[1],
+            "drift_mean": e.get("drift_mean"), "drift_bound_mean": e.get("drift_bound_mean"),
+            "sequence_bound": e.get("sequence_bound"), "sequence_lower": ci("sequence_bound_ci")[0],
+            "sequence_upper": ci("sequence_bound_ci")[1], "images": e["images"],
+        })
+    return rows
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The papers' format (method, τ, speedup, FID, fidelity) plus drift per node and per sequence.
+
+    FID (n) is the plug-in value at the grid's common sample size; the bracketed interval and the
+    debiased value target the population FID (basic bootstrap), so they sit below it.
+    """
+    lines = ["| method | setting | tree | drafter | τ | speedup (seed range) | FID (n) | FID debiased [95% CI] "
+             "| judge acc [95% CI] | drift/node | declared bound | Σ_t E[TV_t] [95% CI] |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['tree']} | {r['drafter']} | {r['tau']:.2f} "
+            f"| {r['speedup']:.2f} ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) "
+            f"| {r['fid_in_domain']:.1f} | {r['fid_corrected']:.1f} [{_fmt(r['fid_lower'], 1)}, {_fmt(r['fid_upper'], 1)}] "
+            f"| {r['judge_accuracy']:.3f} [{_fmt(r['judge_lower'], 3)}, {_fmt(r['judge_upper'], 3)}] "
+            f"| {_fmt(r['drift_mean'], 4)} | {_fmt(r['drift_bound_mean'], 4)} "
+            f"| {_fmt(r['sequence_bound'], 3)} [{_fmt(r['sequence_lower'], 3)}, {_fmt(r['sequence_upper'], 3)}] |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """CSV written to a temp file and renamed."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _colour(method: str) -> Any:
+    names = ["vanilla", *RULES]
+    return plt.get_cmap("tab10")(names.index(method) % 10 if method in names else 9)
+
+
+def _label(row: dict[str, Any]) -> str:
+    extra = "" if row["setting"] == "default" else f" {row['setting']}"
+    where = "" if row["method"] == "vanilla" else f" [{row['tree']}, {row['drafter']}]"
+    return f"{row['method']}{extra}{where}"
+
+
+def pareto(rows: list[dict[str, Any]], out: Path) -> None:
+    """Speedup vs debiased in-domain FID per rule (error bars: its bootstrap CI, speedup seed range)."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    seen = set()
+    for r in rows:
+        yerr = [[max(r["fid_corrected"] - r["fid_lower"], 0.0)], [max(r["fid_upper"] - r["fid_corrected"], 0.0)]]
+        xerr = [[r["speedup"] - r["speedup_min"]], [r["speedup_max"] - r["speedup"]]]
+        ax.errorbar(r["speedup"], r["fid_corrected"], xerr=xerr, yerr=yerr, fmt="o" if r["setting"] == "default" else "s",
+                    color=_colour(r["method"]), alpha=0.8, capsize=2,
+                    label=r["method"] if r["method"] not in seen else None)
+        seen.add(r["method"])
+    ax.set_xlabel("wall-clock speedup vs vanilla (batch 1)")
+    ax.set_ylabel("in-domain FID, debiased (lower is better)")
+    ax.set_title("Speed–quality trade-off (circles: paper defaults, squares: sweep)")
+    ax.legend(fontsize=8)
+    _save(fig, out / "pareto.png")
+    write_csv(out / "pareto.csv", rows, ["method", "setting", "tree", "drafter", "speedup", "speedup_min", "speedup_max",
+                                         "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper"])
+
+
+def strength_value(method: str, params: dict[str, Any]) -> float | None:
+    """The rule's relaxation-strength parameter in a cell's effective parameters."""
+    name = RULES[method].strength if method in RULES else None
+    value = params.get(name) if name else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def strength(rows: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path) -> None:
+    """τ and speedup vs each rule's strength parameter (one panel pair per rule with a sweep)."""
+    data = []
+    for r, e in zip(rows, evals):
+        s = strength_value(r["method"], e.get("rule_params", {}))
+        if s is not None:
+            data.append({**r, "strength_param": RULES[r["method"]].strength, "strength": s})
+    methods = sorted({d["method"] for d in data}, key=list(RULES).index)
+    fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 5.5), squeeze=False)
+    for j, method in enumerate(methods):
+        for group in sorted({(d["tree"], d["drafter"]) for d in data if d["method"] == method}):
+            pts = sorted((d for d in data if d["method"] == method and (d["tree"], d["drafter"]) == group),
+                         key=lambda d: d["strength"])
+            xs = [d["strength"] for d in pts]
+            axes[0, j].plot(xs, [d["tau"] for d in pts], "o-", label=f"{group[0]}, {group[1]}")
+            axes[1, j].plot(xs, [d["speedup"] for d in pts], "o-")
+        axes[0, j].set_title(method)
+        axes[1, j].set_xlabel(RULES[method].strength + ("" if RULES[method].strength_increases else " (lower relaxes more)"))
+        axes[0, j].legend(fontsize=6)
+    axes[0, 0].set_ylabel("τ (mean accepted length)")
+    axes[1, 0].set_ylabel("speedup vs vanilla")
+    _save(fig, out / "strength.png")
+    write_csv(out / "strength.csv", data, ["method", "tree", "drafter", "strength_param", "strength", "tau", "speedup"])
+
+
+def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
+    """Measured mean per-node drift next to the declared bound's mean, per cell (no bar: none declared)."""
+    data = [r for r in rows if r["method"] != "vanilla" and r["drift_mean"] is not None]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(data)), 4.5))
+    x = np.arange(len(data))
+    ax.bar(x - 0.2, [r["drift_mean"] for r in data], 0.4, label="measured TV per node", color="tab:blue")
+    bounds = [r["drift_bound_mean"] if r["drift_bound_mean"] is not None else 0.0 for r in data]
+    ax.bar(x + 0.2, bounds, 0.4, label="declared bound (mean)", color="tab:orange")
+    for i, r in enumerate(data):
+        if r["drift_bound_mean"] is None:
+            ax.text(x[i] + 0.2, 0.0, "none", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [_label(r) for r in data], rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("total variation per node")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend()
+    _save(fig, out / "drift_vs_bound.png")
+    write_csv(out / "drift_vs_bound.csv", data, ["method", "setting", "tree", "drafter", "drift_mean",
+                                                 "drift_bound_mean", "sequence_bound", "sequence_lower",
+                                                 "sequence_upper"])
+
+
+def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:
+    """Accepted-length distributions (share of rounds accepting k drafted tokens) per cell at defaults."""
+    data = [e for e in evals if e["method"] != "vanilla" and e["setting"] == "default" and e["accept_histogram"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(len(data), 1)
+    rows = []
+    for i, e in enumerate(data):
+        h = np.asarray(e["accept_histogram"], dtype=np.float64)
+        share = h / h.sum()
+        ax.bar(np.arange(len(h)) + i * width, share, width, label=e["name"], color=_colour(e["method"]))
+        rows += [{"cell": e["name"], "accepted": k, "rounds": int(h[k]), "share": share[k]} for k in range(len(h))]
+    ax.set_xlabel("drafted tokens accepted in a round")
+    ax.set_ylabel("share of rounds")
+    ax.legend(fontsize=6)
+    _save(fig, out / "accept_hist.png")
+    write_csv(out / "accept_hist.csv", rows, ["cell", "accepted", "rounds", "share"])
+
+
+def samples(evals: list[dict[str, Any]], grids: list[Path], out: Path) -> None:
+    """Each cell's sample grid at its defaults in one figure (rows of classes, as decoded)."""
+    pairs = [(e, g) for e, g in zip(evals, grids) if e["setting"] == "default"]
+    cols = min(4, max(len(pairs), 1))
+    nrows = (len(pairs) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (e, g) in zip(axes.flat, pairs):
+        ax.imshow(plt.imread(g), cmap="gray")
+        ax.set_title(e["name"], fontsize=7)
+    _save(fig, out / "samples.png")
+    write_csv(out / "samples.csv", [{"cell": e["name"], "grid": str(g)} for e, g in pairs], ["cell", "grid"])
+
+
+def make_all(eval_paths: list[Path], grids: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Every grid figure and the results table into ``out``; returns the table rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    evals = load_evals(eval_paths)
+    rows = table_rows(evals)
+    write_csv(out / "results_table.csv", rows, TABLE_COLUMNS)
+    atomic_write_text(out / "results_table.md", markdown_table(rows) + "\n")
+    pareto(rows, out)
+    strength(rows, evals, out)
+    drift_vs_bound(rows, out)
+    accept_hist(evals, out)
+    samples(evals, grids, out)
+    return rows

@@ -1,0 +1,125 @@
+"""``cascade-sd grid ...``: the decode-grid steps of the workflow (DESIGN 9), one command per rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+grid_app = typer.Typer(no_args_is_help=True, help="Decode-grid steps: decode a cell, evaluate it, figures, heat-maps.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML.")
+
+
+def _cell(tree: str, drafter: str, method: str, setting: str) -> dict[str, str]:
+    return {"tree": tree, "drafter": drafter, "method": method, "setting": setting}
+
+
+@grid_app.command("decode")
+def decode(
+    config: Optional[Path] = ConfigOpt,
+    bundle: Path = typer.Option(..., help="bundle folder (results/models)"),
+    tree: str = typer.Option(...), drafter: str = typer.Option(...), method: str = typer.Option(...),
+    setting: str = typer.Option("default", help="rule overrides as name=value,name=value"),
+    seed: int = typer.Option(0, min=0),
+    out_dir: Path = typer.Option(...),
+) -> None:
+    """One grid cell for one seed: quality samples, drift on a few rows, batch-1 speedup vs vanilla."""
+    from cascade_sd.config import load_config
+    from cascade_sd.grid import grid_decode_job, grid_rows
+
+    cfg = load_config(config)
+    cell = _cell(tree, drafter, method, setting)
+    if cell not in grid_rows(cfg):
+        from cascade_sd.errors import ConfigError
+
+        raise ConfigError(f"cell {cell} is not in this config's decode grid; see decode.groups")
+    stats = grid_decode_job(cfg, bundle, cell, seed, out_dir)
+    typer.echo(json.dumps({k: v for k, v in stats.items() if k != "accept_histogram"}))
+
+
+@grid_app.command("reference")
+def reference(config: Optional[Path] = ConfigOpt, judge: Path = typer.Option(...), out: Path = typer.Option(...)) -> None:
+    """Judge features of the test split (FID/KID reference), once for the whole grid."""
+    from cascade_sd.config import load_config
+    from cascade_sd.grid import reference_features_job
+
+    typer.echo(json.dumps(reference_features_job(load_config(config), judge, out)))
+
+
+@grid_app.command("evaluate")
+def evaluate(
+    seed_dirs: list[Path] = typer.Argument(..., help="the cell's decode folders, one per seed"),
+    config: Optional[Path] = ConfigOpt,
+    judge: Path = typer.Option(...),
+    reference: Path = typer.Option(..., help="features from `cascade-sd grid reference`"),
+    out: Path = typer.Option(...),
+) -> None:
+    """Quality (bootstrap CIs), τ, speedup and drift of one cell over its seeds."""
+    from cascade_sd.config import load_config
+    from cascade_sd.grid import grid_evaluate_job
+
+    result = grid_evaluate_job(load_config(config), judge, reference, seed_dirs, out)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "accept_histogram"}))
+
+
+@grid_app.command("figures")
+def figures(
+    evals: list[Path] = typer.Argument(..., help="evaluation JSONs, in grid order"),
+    config: Optional[Path] = ConfigOpt,
+    grids: str = typer.Option(..., help="comma-separated sample grid PNGs, one per evaluation"),
+    out_dir: Path = typer.Option(...),
+) -> None:
+    """Results table (CSV + Markdown) and the grid figures, each with its CSV."""
+    from analysis.figures import make_all
+    from cascade_sd.config import load_config
+    from cascade_sd.tracking import child_run
+
+    cfg = load_config(config)
+    pngs = [Path(g) for g in grids.split(",")]
+    if len(pngs) != len(evals):
+        from cascade_sd.errors import ConfigError
+
+        raise ConfigError(f"grids: {len(pngs)} sample grids for {len(evals)} evaluations; give one per evaluation")
+    with child_run(cfg["results"], "figures", params={"cells": len(evals)}, seed=cfg["seed"]) as run:
+        make_all(evals, pngs, out_dir)
+        for path in sorted(out_dir.glob("*")):
+            if path.suffix in (".png", ".csv", ".md") and not path.name.startswith("redundancy"):
+                run.artifact(path, "figures")
+    typer.echo((out_dir / "results_table.md").read_text())
+
+
+@grid_app.command("heatmaps")
+def heatmaps(
+    config: Optional[Path] = ConfigOpt,
+    bundle: Path = typer.Option(...),
+    drafter: str = typer.Option("eagle"),
+    label: int = typer.Option(0, min=0),
+    out_dir: Path = typer.Option(...),
+) -> None:
+    """CASCADE's breadth and depth similarity heat-maps on replayed dynamic-tree rounds."""
+    from analysis.redundancy import heatmaps as draw, replay
+    from cascade_sd import api
+    from cascade_sd.acceptance import get_rule
+    from cascade_sd.config import load_config
+    from cascade_sd.jobs import setup_runtime
+
+    cfg = load_config(config)
+    device = setup_runtime(cfg)
+    dc, sc = cfg["decode"], cfg["sample"]
+    b = api.load_bundle(bundle, device=device)
+    sampling = {k: sc[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+    rounds = replay(b, label=label, seed=cfg["seed"], rounds=dc["heatmap_rounds"], drafter=drafter, sampling=sampling,
+                    tree_top_k=dc["tree_top_k"], depth=dc["depth"], total_tokens=dc["total_tokens"])
+    params = get_rule("cascade").params
+    from cascade_sd.tracking import child_run
+
+    with child_run(cfg["results"], "redundancy_heatmaps", params={"drafter": drafter, "label": label, **params},
+                   seed=cfg["seed"]) as run:
+        draw(rounds, out_dir, tau_b=params["tau_b"], tau_d=params["tau_d"])
+        for name in ("redundancy_breadth", "redundancy_depth"):
+            run.artifact(out_dir / f"{name}.png", "figures")
+            run.artifact(out_dir / f"{name}.csv", "figures")
+    typer.echo(f"wrote {out_dir}/redundancy_breadth.png and redundancy_depth.png")

@@ -1,0 +1,273 @@
+"""The workflow's decode grid (DESIGN 9): which (tree, drafter, method, setting) cells run for
+which seeds, and the job that fills one cell.
+
+A *setting* is a rule's parameter overrides as a path-safe slug (``default``, ``delta=0.2``,
+``k=5,lam=10``), parsed back through the rule's own ``Param`` checks. Vanilla runs once per seed
+(tree and drafter ``none``); every group adds strict and its rules (each rule's paper defaults,
+or its whole ``sweep``). One job decodes the quality samples, records exact drift on a few rows
+and times vanilla and the method at batch 1 in the same process (speedup, DESIGN 7).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cascade_sd.errors import ConfigError
+
+NONE = "none"
+
+
+def setting_slug(params: dict[str, Any]) -> str:
+    """``default`` or sorted ``name=value`` pairs joined by commas (floats as ``%g``)."""
+    if not params:
+        return "default"
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def parse_setting(method: str, slug: str) -> dict[str, Any]:
+    """Inverse of ``setting_slug`` for ``method``; values checked by the rule's parameters."""
+    from cascade_sd.acceptance import RULES
+
+    if slug == "default":
+        return {}
+    allowed = RULES[method].parameters if method in RULES else {}
+    out: dict[str, Any] = {}
+    for part in slug.split(","):
+        key, sep, text = part.partition("=")
+        if key not in allowed or not sep:
+            raise ConfigError(f"setting={slug!r}: {key!r} is not a parameter of method={method!r}; "
+                              f"allowed: {', '.join(allowed) or 'none'}")
+        out[key] = allowed[key].check(key, allowed[key].parse(key, text))
+    return out
+
+
+def drafter_names(config: dict[str, Any]) -> list[str]:
+    """Drafters the workflow trains: every arch, plain and with each redundancy weight (``eagle-rw2``)."""
+    dc = config["drafter"]
+    return [f"{arch}{'' if w is None else f'-rw{w:g}'}" for arch in dc["archs"]
+            for w in [None, *dc["redundancy_weights"]]]
+
+
+def _group_methods(group: dict[str, Any]) -> list[str]:
+    from cascade_sd.acceptance import RULES
+
+    return list(RULES) if group["methods"] == "all" else list(group["methods"])
+
+
+def check_decode(config: dict[str, Any]) -> None:
+    """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors)."""
+    from cascade_sd.acceptance import RULES
+
+    drafters = drafter_names(config)
+    for i, group in enumerate(config["decode"]["groups"]):
+        group.setdefault("drafter", "eagle")
+        group.setdefault("methods", "all")
+        group.setdefault("sweep", False)
+        if group["drafter"] not in drafters:
+            raise ConfigError(f"config: decode.groups.{i}.drafter={group['drafter']!r} is not trained by this "
+                              f"config; choose one of {', '.join(map(repr, drafters))}")
+        for method in _group_methods(group):
+            if method not in RULES:
+                raise ConfigError(f"config: decode.groups.{i}.methods contains {method!r}; choose from "
+                                  f"{', '.join(map(repr, RULES))} (vanilla runs in every grid)")
+            if method == "lantern_pp" and group["tree"] == "dynamic":
+                raise ConfigError(f"config: decode.groups.{i}: method 'lantern_pp' needs a static tree, "
+                                  f"got tree='dynamic'")
+
+
+def grid_rows(config: dict[str, Any]) -> list[dict[str, str]]:
+    """Unique grid cells (tree, drafter, method, setting) in a stable order; vanilla first."""
+    from cascade_sd.acceptance import RULES
+
+    rows = [{"tree": NONE, "drafter": NONE, "method": "vanilla", "setting": "default"}]
+    for group in config["decode"]["groups"]:
+        methods = _group_methods(group)
+        for method in ["strict", *[m for m in methods if m != "strict"]]:
+            sweep = RULES[method].sweep if group["sweep"] else RULES[method].sweep[:1]
+            for params in sweep or ({},):
+                row = {"tree": group["tree"], "drafter": group["drafter"], "method": method,
+                       "setting": setting_slug(dict(params))}
+                if row not in rows:
+                    rows.append(row)
+    return rows
+
+
+def cell_name(cell: dict[str, str]) -> str:
+    """One readable label per cell (figures, MLflow run names)."""
+    if cell["method"] == "vanilla":
+        return "vanilla"
+    tail = "" if cell["setting"] == "default" else f" {cell['setting']}"
+    return f"{cell['method']}{tail} [{cell['tree']}, {cell['drafter']}]"
+
+
+def grid_decode_job(config: dict[str, Any], bundle_dir: Path, cell: dict[str, str], seed: int,
+                    out_dir: Path) -> dict[str, Any]:
+    """Fill one grid cell for one seed: quality samples (tokens, images, grid), drift on the first
+    ``drift_rows`` images, and a warm batch-1 timing of vanilla and the method (same process)."""
+    from cascade_sd import api
+    from cascade_sd.bench import time_images
+    from cascade_sd.imaging import save_grid
+    from cascade_sd.io import atomic_savez, atomic_write_json
+    from cascade_sd.jobs import decode_to_images, setup_runtime
+    from cascade_sd.tracking import child_run
+
+    device = setup_runtime(config)
+    dc, sc = config["decode"], config["sample"]
+    method = cell["method"]
+    params = parse_setting(method, cell["setting"])
+    sampling = {k: sc[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+    opts: dict[str, Any] = {}
+    if method != "vanilla":
+        opts = {"tree": cell["tree"], "drafter": cell["drafter"], "tree_top_k": dc["tree_top_k"],
+                "depth": dc["depth"], "total_tokens": dc["total_tokens"], **params}
+    bundle = api.load_bundle(bundle_dir, device=device)
+    classes = bundle.target.config.num_classes
+    labels = torch.arange(classes).repeat_interleave(dc["per_class"])
+    run_params = {"cell": cell, "rule_params": params, "sampling": sampling, "decode": dc}
+    with child_run(config["results"], f"decode {cell_name(cell)} seed{seed}", params=run_params, seed=seed) as run:
+        tokens, drift, drift_stats, rounds, accepted, histogram, effective = [], None, {}, 0, 0.0, None, {}
+        for start in range(0, len(labels), dc["batch_size"]):
+            batch = labels[start:start + dc["batch_size"]]
+            record = method != "vanilla" and start == 0 and dc["drift_rows"] > 0
+            res = api.decode(bundle, batch, method=method, seed=seed * 100_003 + start, **sampling, **opts,
+                             **({"record_drift": True, "drift_rows": min(dc["drift_rows"], len(batch)),
+                                 "drift_draws": dc["drift_draws"]} if record else {}))
+            tokens.append(res.tokens.cpu())
+            if record:
+                drift = res.arrays
+                drift_stats = {k: v for k, v in res.stats.items() if k.startswith("drift_")}
+            if method != "vanilla":
+                s = res.stats
+                effective = s["rule_params"]
+                rounds += s["rounds"]
+                accepted += s["mean_accepted_length"] * s["rounds"]
+                hist = np.asarray(s["accept_histogram"], dtype=np.int64)
+                histogram = hist if histogram is None else _add_hist(histogram, hist)
+        tokens_t = torch.cat(tokens)
+        images = decode_to_images(bundle.tokenizer, tokens_t)
+        timing_seed = 10_000 + seed * dc["timing_images"]
+        for name, o in (("vanilla", {}), (method, opts)):  # warm-up both before timing either
+            time_images(bundle, name, o, 1, seed=timing_seed, sampling=sampling)
+        t_van, _ = time_images(bundle, "vanilla", {}, dc["timing_images"], seed=timing_seed, sampling=sampling)
+        t_sd, _ = time_images(bundle, method, opts, dc["timing_images"], seed=timing_seed, sampling=sampling)
+        stats: dict[str, Any] = {
+            **cell, "seed": seed, "rule_params": effective, "images": len(labels),
+            "tau": accepted / rounds if rounds else 1.0, "rounds": rounds,
+            "accept_histogram": [] if histogram is None else histogram.tolist(),
+            "vanilla_seconds_per_image": t_van / dc["timing_images"],
+            "seconds_per_image": t_sd / dc["timing_images"], "speedup": t_van / t_sd,
+        }
+        stats |= drift_stats
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_savez(out_dir / "tokens.npz", tokens=tokens_t.numpy().astype(np.int32), labels=labels.numpy())
+        atomic_savez(out_dir / "images.npz", images=images.numpy(), labels=labels.numpy())
+        show = min(dc["per_class"], 8)
+        pick = torch.cat([torch.arange(c * dc["per_class"], c * dc["per_class"] + show) for c in range(classes)])
+        save_grid(images[pick], out_dir / "grid.png", nrow=show)
+        if drift is not None:
+            atomic_savez(out_dir / "drift.npz", **drift)
+            run.artifact(out_dir / "drift.npz")
+        atomic_write_json(out_dir / "stats.json", stats)
+        run.metrics({k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.artifact(out_dir / "grid.png")
+        run.artifact(out_dir / "stats.json")
+    return stats
+
+
+def _add_hist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.zeros(max(len(a), len(b)), dtype=np.int64)
+    out[: len(a)] += a
+    out[: len(b)] += b
+    return out
+
+
+def load_cell_stats(folder: Path) -> dict[str, Any]:
+    """stats.json of one finished grid job."""
+    return json.loads((folder / "stats.json").read_text())
+
+
+def reference_features_job(config: dict[str, Any], judge_path: Path, out: Path) -> dict[str, Any]:
+    """Judge features of the test split, computed once for every cell's FID/KID (``features``, and
+    a seeded 2000-image subset ``kid_features`` that bounds KID's O(n²) kernel)."""
+    from cascade_sd.io import atomic_savez
+    from cascade_sd.jobs import _images, setup_runtime
+    from cascade_sd.metrics.quality import judge_features
+    from cascade_sd.models.judge import load_judge
+
+    from cascade_sd.tracking import child_run
+
+    setup_runtime(config)
+    judge, _ = load_judge(judge_path)
+    with child_run(config["results"], "grid_reference", params={"data": config["data"]}, seed=config["seed"]) as run:
+        feats = judge_features(judge, _images(config, "test").images)
+        pick = np.random.default_rng(config["seed"]).permutation(len(feats))[:2000]
+        atomic_savez(out, features=feats, kid_features=feats[np.sort(pick)])
+        info = {"reference_images": len(feats), "kid_reference_images": len(pick)}
+        run.metrics(info)
+    return info
+
+
+def grid_evaluate_job(config: dict[str, Any], judge_path: Path, reference: Path, seed_dirs: list[Path],
+                      out: Path) -> dict[str, Any]:
+    """One cell over all its seeds: judge accuracy, in-domain FID and KID (bootstrap CIs over
+    images), τ and its histogram, speedup per seed, and drift (mean per node, declared bound,
+    sequence bound Σ_t E[TV_t] with a CI over images)."""
+    from analysis.estimators import sequence_bound
+    from cascade_sd.io import atomic_write_json
+    from cascade_sd.jobs import setup_runtime
+    from cascade_sd.metrics.quality import bootstrap_ci, fid_bootstrap_ci, judge_correct, judge_features, kid_bootstrap_ci
+    from cascade_sd.models.judge import load_judge
+    from cascade_sd.tracking import child_run
+
+    setup_runtime(config)
+    n_boot, seed = config["decode"]["bootstrap"], config["seed"]
+    stats = [load_cell_stats(d) for d in seed_dirs]
+    cell = {k: stats[0][k] for k in ("tree", "drafter", "method", "setting")}
+    images = [np.load(d / "images.npz") for d in seed_dirs]
+    fake = torch.from_numpy(np.concatenate([z["images"] for z in images]))
+    labels = torch.from_numpy(np.concatenate([z["labels"] for z in images]))
+    judge, _ = load_judge(judge_path)
+    ref = np.load(reference)
+    with child_run(config["results"], f"evaluate {cell_name(cell)}", params={"cell": cell, "seeds": [s["seed"] for s in stats]},
+                   seed=seed) as run:
+        feats = judge_features(judge, fake)
+        acc = bootstrap_ci(judge_correct(judge, fake, labels).double().numpy(), n_boot=n_boot, seed=seed)
+        fid = fid_bootstrap_ci(ref["features"], feats, n_boot=n_boot, seed=seed)
+        kid = kid_bootstrap_ci(ref["kid_features"], feats, n_boot=n_boot, seed=seed)
+        rounds = sum(s["rounds"] for s in stats)
+        speedups = [s["speedup"] for s in stats]
+        hist = [s["accept_histogram"] for s in stats if s["accept_histogram"]]
+        result: dict[str, Any] = {
+            **cell, "name": cell_name(cell), "rule_params": stats[0]["rule_params"], "seeds": [s["seed"] for s in stats],
+            "images": int(len(labels)),
+            "judge_accuracy": acc[0], "judge_accuracy_ci": list(acc[1:]),
+            "fid_in_domain": fid["fid"], "fid_in_domain_corrected": fid["fid_corrected"],
+            "fid_in_domain_ci": [fid["lower"], fid["upper"]],
+            "kid_in_domain": kid[0], "kid_in_domain_ci": list(kid[1:]),
+            "tau": sum(s["tau"] * s["rounds"] for s in stats) / rounds if rounds else 1.0,
+            "speedup": float(np.mean(speedups)), "speedup_range": [min(speedups), max(speedups)],
+            "seconds_per_image": float(np.mean([s["seconds_per_image"] for s in stats])),
+            "accept_histogram": _add_hist(*[np.asarray(h) for h in hist]).tolist() if len(hist) > 1 else (hist[0] if hist else []),
+            "label": "in-domain (judge features), comparable only at equal image counts",
+        }
+        drift = [np.load(d / "drift.npz") for d in seed_dirs if (d / "drift.npz").is_file()]
+        if drift:
+            per_node = np.concatenate([z["drift"] for z in drift])
+            bound = np.concatenate([z["drift_bound"] for z in drift])
+            seq = sequence_bound(per_node, n_boot=n_boot, seed=seed)
+            result |= {"drift_mean": float(per_node.mean()),
+                       "drift_bound_mean": float(np.nanmean(bound)) if np.isfinite(bound).any() else None,
+                       "drift_exact_fraction": float(np.concatenate([z["drift_exact"] for z in drift]).mean()),
+                       "drift_rows": int(per_node.shape[0]),
+                       "sequence_bound": seq.value, "sequence_bound_ci": [seq.lower, seq.upper]}
+        elif cell["method"] == "vanilla":
+            result |= {"drift_mean": 0.0, "sequence_bound": 0.0}
+        atomic_write_json(out, result)
+        run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.artifact(out)
+    return result

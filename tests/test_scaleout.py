@@ -1,0 +1,108 @@
+"""Several machines' path, for real: PostgreSQL (Debian package) behind an `mlflow server` on
+loopback, the `.test` workflow logging to it through MLFLOW_TRACKING_URI, runs read back with
+search_runs. `.ci/run` installs PostgreSQL; a missing installation is a failure, not a skip."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_workflow import snakemake
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the package's ``postgres`` user when needed."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture()
+def mlflow_server():
+    """PostgreSQL cluster in a temp folder + mlflow server, both on loopback; yields the server URI."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    assert bins, "PostgreSQL is not installed (apt-get install postgresql; .ci/run does this)"
+    pg = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
+    root.chmod(0o777)
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    sock.chmod(0o777)
+    pg_port, port = _free_port(), _free_port()
+    subprocess.run(_as_postgres([str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]), check=True,
+                   capture_output=True)
+    subprocess.run(_as_postgres([str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "pg.log"), "-o",
+                                 f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "start"]), check=True,
+                   capture_output=True)
+    server = None
+    try:
+        subprocess.run([str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "mlflow"],
+                       check=True, capture_output=True)
+        log = open(root / "mlflow.log", "w")
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
+            env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"})
+        _wait_http(f"http://127.0.0.1:{port}/health", 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        subprocess.run(_as_postgres([str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_workflow_logs_to_a_postgres_backed_mlflow_server(mlflow_server, tmp_path):
+    results = tmp_path / "results"
+    res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2",
+                    timeout=1200, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    exp = mlflow.get_experiment_by_name("cascade-sd-test")
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list")
+    parent = [r for r in runs if r.data.tags.get("cascade_sd.role") == "parent"]
+    children = [r for r in runs if "cascade_sd.job" in r.data.tags]
+    assert len(parent) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in children)
+    jobs = {r.data.tags["cascade_sd.job"] for r in children}
+    decodes = [j for j in jobs if j.startswith("decode ")]
+    assert {"train_target", "train_drafter_eagle_rw2", "grid_reference", "audit", "figures", "redundancy_heatmaps"} <= jobs
+    assert len(decodes) == len(list((results / "decode").glob("**/stats.json")))
+    table = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string="tags.`cascade_sd.job` LIKE 'evaluate %'")
+    assert len(table) == len(list((results / "eval/grid").glob("**/*.json")))
+    assert {"metrics.tau", "metrics.speedup", "metrics.fid_in_domain", "metrics.judge_accuracy"} <= set(table.columns)

@@ -1,0 +1,147 @@
+# The decode grid (DESIGN 9): every cell of `grid_rows` (vanilla, and per group strict plus each
+# rule at its defaults or over its sweep) for every seed, then per-cell evaluation, the drift
+# audit, figures, the results table and CASCADE's redundancy heat-maps.
+import pandas as pd
+from snakemake.utils import Paramspace
+
+from cascade_sd.grid import drafter_names, grid_rows
+
+GRID = Paramspace(pd.DataFrame(grid_rows(config)), param_sep="~")
+DECODE = f"{R}/decode/{GRID.wildcard_pattern}/seed{{seed}}"
+BUNDLE = {
+    "tokenizer": f"{R}/models/tokenizer.pt",
+    "target": f"{R}/models/target.pt",
+    "judge": f"{R}/models/judge.pt",
+    "drafters": expand(f"{R}/models/drafter-{{name}}.pt", name=drafter_names(config)),
+}
+SEEDS = config["decode"]["seeds"]
+
+
+rule grid_decode:
+    """One cell, one seed: quality samples, exact drift on a few rows, batch-1 speedup vs vanilla."""
+    input:
+        **BUNDLE,
+    output:
+        stats=f"{DECODE}/stats.json",
+        tokens=f"{DECODE}/tokens.npz",
+        images=f"{DECODE}/images.npz",
+        grid=f"{DECODE}/grid.png",
+    params:
+        cfg=CFG,
+        bundle=lambda wc, input: Path(input.target).parent,
+        out_dir=lambda wc, output: Path(output.stats).parent,
+    threads: config["threads"]
+    log:
+        f"{R}/logs/decode/{GRID.wildcard_pattern}/seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/decode/{GRID.wildcard_pattern}/seed{{seed}}.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd grid decode -c {params.cfg} --bundle {params.bundle} --tree {wildcards.tree}"
+        " --drafter {wildcards.drafter} --method {wildcards.method} --setting '{wildcards.setting}'"
+        " --seed {wildcards.seed} --out-dir '{params.out_dir}' > '{log}' 2>&1"
+
+
+rule grid_reference:
+    """Judge features of the test split, the FID/KID reference of every cell."""
+    input:
+        judge=BUNDLE["judge"],
+    output:
+        f"{R}/eval/reference_features.npz",
+    params:
+        cfg=CFG,
+    threads: config["threads"]
+    log:
+        f"{R}/logs/grid_reference.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd grid reference -c {params.cfg} --judge {input.judge} --out {output} > {log} 2>&1"
+
+
+rule grid_evaluate:
+    """One cell over its seeds: judge accuracy, FID, KID (bootstrap CIs), τ, speedup, drift."""
+    input:
+        stats=expand(f"{DECODE}/stats.json", seed=SEEDS, allow_missing=True),
+        judge=BUNDLE["judge"],
+        reference=rules.grid_reference.output,
+    output:
+        f"{R}/eval/grid/{GRID.wildcard_pattern}.json",
+    params:
+        cfg=CFG,
+        dirs=lambda wc, input: " ".join(f"'{Path(s).parent}'" for s in input.stats),
+    threads: config["threads"]
+    log:
+        f"{R}/logs/evaluate/{GRID.wildcard_pattern}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd grid evaluate {params.dirs} -c {params.cfg} --judge {input.judge}"
+        " --reference {input.reference} --out '{output}' > '{log}' 2>&1"
+
+
+rule grid_audit:
+    """Measured drift vs each rule's declared bound over every recorded run; fails on a violation."""
+    input:
+        expand(f"{R}/decode/{{cell}}/seed{{seed}}/stats.json", cell=GRID.instance_patterns, seed=SEEDS),
+    output:
+        table=report(f"{R}/decode/audit.md", caption="../report/audit.rst", category="Drift"),
+        summary=f"{R}/decode/audit.json",
+    params:
+        cfg=CFG,
+        folder=lambda wc, output: Path(output.table).parent,
+    log:
+        f"{R}/logs/grid_audit.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd audit {params.folder} -c {params.cfg} > {log} 2>&1"
+
+
+FIGURES = ["pareto", "strength", "drift_vs_bound", "accept_hist", "samples"]
+
+
+rule grid_figures:
+    """Results table (CSV + Markdown) and the grid figures, each with the CSV behind it."""
+    input:
+        evals=expand(f"{R}/eval/grid/{{cell}}.json", cell=GRID.instance_patterns),
+        grids=expand(f"{R}/decode/{{cell}}/seed{SEEDS[0]}/grid.png", cell=GRID.instance_patterns),
+    output:
+        table=report(f"{R}/figures/results_table.md", caption="../report/results_table.rst", category="Results"),
+        csv=f"{R}/figures/results_table.csv",
+        figures=[report(f"{R}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+                 for name in FIGURES],
+        data=[f"{R}/figures/{name}.csv" for name in FIGURES],
+    params:
+        cfg=CFG,
+        grids=lambda wc, input: ",".join(input.grids),
+        out_dir=lambda wc, output: Path(output.table).parent,
+    log:
+        f"{R}/logs/grid_figures.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd grid figures {input.evals} -c {params.cfg} --grids '{params.grids}' --out-dir {params.out_dir}"
+        " > {log} 2>&1"
+
+
+rule redundancy_heatmaps:
+    """CASCADE's breadth (within tree levels) and depth (along accepted paths) similarity maps."""
+    input:
+        **BUNDLE,
+    output:
+        breadth=report(f"{R}/figures/redundancy_breadth.png", caption="../report/redundancy.rst", category="Figures"),
+        depth=report(f"{R}/figures/redundancy_depth.png", caption="../report/redundancy.rst", category="Figures"),
+        data=[f"{R}/figures/redundancy_breadth.csv", f"{R}/figures/redundancy_depth.csv"],
+    params:
+        cfg=CFG,
+        bundle=lambda wc, input: Path(input.target).parent,
+        out_dir=lambda wc, output: Path(output.breadth).parent,
+    threads: config["threads"]
+    log:
+        f"{R}/logs/redundancy_heatmaps.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "cascade-sd grid heatmaps -c {params.cfg} --bundle {params.bundle} --out-dir {params.out_dir} > {log} 2>&1"
