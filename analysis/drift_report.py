@@ -21,7 +21,7 @@ import torch
 
 from analysis.estimators import noise_floor, sequence_bound, token_marginal_tv
 from cascade_sd import api
-from cascade_sd.acceptance import RULES
+from cascade_sd.bench import rule_settings
 from cascade_sd.io import atomic_write_json
 
 
@@ -46,7 +46,7 @@ def drift_report(bundle: api.Bundle, *, tree: str, drafter: str, images: int, ba
     reference, _, _ = _decode_all(bundle, labels, batch, seed + 104729, method="vanilla", cfg_scale=cfg_scale)
     floor = float(token_marginal_tv(vanilla, reference, vocab, n_boot=1)[1].value)
     rows = [{"method": "vanilla (second sample set)", "token_marginal_tv": floor, "noise_floor": noise_floor(vanilla, vocab)}]
-    for name in rules or list(RULES):
+    for name, _ in rule_settings(rules, defaults_only=True, tree=tree):
         opts = {"method": name, "tree": tree, "drafter": drafter, "cfg_scale": cfg_scale}
         api.decode(bundle, labels[:2], **opts)  # warm-up
         tokens, plain_s, _ = _decode_all(bundle, labels, batch, seed, **opts)

@@ -166,6 +166,7 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
     """
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     rule = get_rule(method, **rule_params)
+    api.check_tree(rule, tree if isinstance(tree, str) else "static", tree_top_k, bundle.target.config.vocab_size)
     rule.bind(bundle.rule_resources())
     shape = tree if isinstance(tree, StaticTree) else api.make_tree(tree, tree_top_k=tree_top_k, depth=depth,
                                                                       total_tokens=total_tokens)

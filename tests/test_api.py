@@ -61,6 +61,8 @@ def test_next_token_law_matches_processing(bundle):
         ({"temperature": -0.5}, r"^temperature=-0.5 is out of range"),
         ({"method": "nope"}, r"^method='nope' is not allowed; choose one of 'cascade', 'cascade_bounded', 'coolsd', 'gsd', 'lantern', 'lantern_pp', 'strict', 'vanilla'$"),
         ({"delta": 0.1}, r"^parameter 'delta' does not belong to rule 'strict'"),
+        ({"method": "lantern_pp", "tree": "dynamic"}, r"^method='lantern_pp' needs a static tree"),
+        ({"tree": "dynamic", "tree_top_k": 20, "total_tokens": 30}, r"^tree_top_k=20 is out of range; allowed \[1, 6\]"),
     ],
 )
 def test_bad_input_is_a_one_line_error(bundle, kwargs, pattern):

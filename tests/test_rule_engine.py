@@ -17,6 +17,7 @@ from cascade_sd import api
 from cascade_sd.acceptance import RULES, NodeContext, RuleResources, TreeView, get_rule, induced_law
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs
 from cascade_sd.decoding.verify import walk_tree
+from cascade_sd.errors import ConfigError
 
 VOCAB, KIDS, ROWS = 6, 3, 40000
 PARAMS = {
@@ -116,6 +117,10 @@ def test_walk_matches_induced_law_for_sampled_children(name):
 def test_every_rule_decodes_a_toy_bundle_and_records_drift(tree):
     bundle = api.load_bundle("toy:vocab=16,len=6,seed=0")
     for name in RULES:
+        if tree == "dynamic" and RULES[name].static_tree_only:
+            with pytest.raises(ConfigError, match="needs a static tree"):
+                api.decode(bundle, [0], method=name, tree=tree)
+            continue
         res = api.decode(bundle, [0, 1], method=name, tree=tree, seed=3, cfg_scale=2.0, total_tokens=12,
                          record_drift=True, drift_draws=64)
         plain = api.decode(bundle, [0, 1], method=name, tree=tree, seed=3, cfg_scale=2.0, total_tokens=12)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cascade_sd.acceptance import RULES, RuleResources, get_rule
+from cascade_sd.acceptance import RULES, AcceptanceRule, RuleResources, get_rule
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
@@ -110,6 +110,14 @@ def make_tree(tree: str, *, tree_top_k: int = 10, depth: int = 5, total_tokens: 
     return StaticTree.preset(tree)
 
 
+def check_tree(rule: AcceptanceRule, tree: str, tree_top_k: int, vocab: int) -> None:
+    """Rule/tree pairs and dynamic-tree widths the engine cannot run: one-line errors before compute."""
+    if tree == "dynamic" and rule.static_tree_only:
+        raise ConfigError(f"method={rule.name!r} needs a static tree (chain-N, tree-25, tree-57); got tree='dynamic'")
+    if tree == "dynamic" and isinstance(tree_top_k, int) and tree_top_k > vocab:
+        raise ConfigError(f"tree_top_k={tree_top_k} is out of range; allowed [1, {vocab}] (the target's vocabulary)")
+
+
 def _labels(labels: Any, target: GPT) -> torch.Tensor:
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     bad = labels[(labels < 0) | (labels >= target.config.num_classes)]
@@ -160,6 +168,7 @@ def decode(
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
+    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     check_int("drift_draws", drift_draws, 1)
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)

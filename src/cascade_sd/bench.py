@@ -118,9 +118,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = False) -> list[tuple[str, dict[str, Any]]]:
-    """(rule, parameters) pairs: every rule's sweep (its paper defaults first), or its defaults only."""
-    names = list(rules) if rules else list(RULES)
+def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = False,
+                  tree: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(rule, parameters) pairs: every rule's sweep (its paper defaults first), or its defaults only;
+    by default, rules defined for static trees only are left out of a dynamic tree."""
+    names = list(rules) if rules else [n for n in RULES if not (tree == "dynamic" and RULES[n].static_tree_only)]
     return [(name, dict(setting)) for name in names for setting in RULES[name].sweep[: 1 if defaults_only else None]]
 
 
@@ -166,7 +168,7 @@ def run_rule_bench(
     """
     sampling, tree_options = sampling or {}, tree_options or {}
     SamplingParams(**sampling)
-    settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only)
+    settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only, tree=tree)
     for name, params in settings[1:]:
         get_rule(name, **params)  # validate every setting before any compute
     bundle.drafter(drafter)

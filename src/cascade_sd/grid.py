@@ -75,8 +75,8 @@ def check_decode(config: dict[str, Any]) -> None:
             if method not in RULES:
                 raise ConfigError(f"config: decode.groups.{i}.methods contains {method!r}; choose from "
                                   f"{', '.join(map(repr, RULES))} (vanilla runs in every grid)")
-            if method == "lantern_pp" and group["tree"] == "dynamic":
-                raise ConfigError(f"config: decode.groups.{i}: method 'lantern_pp' needs a static tree, "
+            if RULES[method].static_tree_only and group["tree"] == "dynamic":
+                raise ConfigError(f"config: decode.groups.{i}: method {method!r} needs a static tree, "
                                   f"got tree='dynamic'")
 
 

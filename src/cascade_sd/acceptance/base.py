@@ -159,6 +159,8 @@ class AcceptanceRule(ABC):
     declares_bound: ClassVar[bool] = False
     #: Whether the rule reads the round's draft-tree representations (``prepare``/``node_extras``).
     needs_tree: ClassVar[bool] = False
+    #: Whether the rule is defined for static (sampled) trees only (LANTERN++'s setting).
+    static_tree_only: ClassVar[bool] = False
     #: Parameter that sets the relaxation strength, for sweeps and tests, and whether larger
     #: values relax more (``strength_increases``) or less (similarity thresholds).
     strength: ClassVar[str | None] = None

@@ -265,6 +265,7 @@ class LanternPPRule(_LatentProximity):
     """LANTERN++: neighbour mass c_{m*} ≤ (λ − 1)·p_j(x) joins the candidate (static trees)."""
 
     name = "lantern_pp"
+    static_tree_only = True
     declares_bound = True
     strength = "lam"
     sweep = ({}, {"k": 5, "lam": 10.0}, {"k": 5, "lam": 20.0})
