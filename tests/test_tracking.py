@@ -41,9 +41,27 @@ def test_init_writes_parent_and_sqlite(results):
     assert parent[0].data.tags["git_sha"]
 
 
+@pytest.mark.slow
+def test_sixteen_parallel_jobs_on_a_fresh_sqlite_database(tmp_path, monkeypatch):
+    """16 processes open child runs at once on a database created just before: none is lost."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    init_tracking(tmp_path, "fresh", {"seed": 0})
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_job, args=(str(tmp_path), i)) for i in range(16)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * 16
+    info, runs = _runs(tmp_path)
+    children = [r for r in runs if r.data.tags.get("cascade_sd.job", "").startswith("job")]
+    assert sorted(r.data.tags["cascade_sd.job"] for r in children) == sorted(f"job{i}" for i in range(16))
+    assert all(r.info.status == "FINISHED" and r.data.metrics["value"] == float(r.data.params["i"]) for r in children)
+
+
 def test_parallel_child_runs_all_logged(results):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_job, args=(str(results), i)) for i in range(4)]  # 16 in the workflow issue
+    procs = [ctx.Process(target=_job, args=(str(results), i)) for i in range(4)]
     for p in procs:
         p.start()
     for p in procs:

@@ -136,6 +136,11 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     statuses = sorted(r.info.status for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job)
     assert statuses == ["FINISHED", "RUNNING"]
 
+    # The HTML report bundles figures, tables and captions.
+    report = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}",
+                       "--report", str(tmp_path / "report.html"), timeout=300)
+    assert report.returncode == 0 and (tmp_path / "report.html").stat().st_size > 10_000, report.stderr[-2000:]
+
     # A further invocation has nothing to do (outputs are complete and up to date).
     again = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr

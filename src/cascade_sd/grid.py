@@ -11,6 +11,7 @@ and times vanilla and the method at batch 1 in the same process (speedup, DESIGN
 from __future__ import annotations
 
 import json
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,7 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path, reference: Path,
             "tau": sum(s["tau"] * s["rounds"] for s in stats) / rounds if rounds else 1.0,
             "speedup": float(np.mean(speedups)), "speedup_range": [min(speedups), max(speedups)],
             "seconds_per_image": float(np.mean([s["seconds_per_image"] for s in stats])),
-            "accept_histogram": _add_hist(*[np.asarray(h) for h in hist]).tolist() if len(hist) > 1 else (hist[0] if hist else []),
+            "accept_histogram": reduce(_add_hist, [np.asarray(h) for h in hist]).tolist() if hist else [],
             "label": "in-domain (judge features), comparable only at equal image counts",
         }
         drift = [np.load(d / "drift.npz") for d in seed_dirs if (d / "drift.npz").is_file()]
