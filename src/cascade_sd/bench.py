@@ -19,6 +19,7 @@ import torch
 from cascade_sd import api
 from cascade_sd.acceptance import RULES, get_rule
 from cascade_sd.decoding.processing import SamplingParams
+from cascade_sd.errors import ConfigError
 
 
 def _sync(device: torch.device) -> None:
@@ -118,12 +119,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = False,
+def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = False, sweep_only: bool = False,
                   tree: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(rule, parameters) pairs: every rule's sweep (its paper defaults first), or its defaults only;
-    by default, rules defined for static trees only are left out of a dynamic tree."""
+    """(rule, parameters) pairs: every rule's sweep (its paper defaults first), its defaults only, or
+    its sweep without the defaults; by default, rules for static trees only are left out of a dynamic tree."""
+    if defaults_only and sweep_only:
+        raise ConfigError("defaults_only and sweep_only exclude each other; choose one")
     names = list(rules) if rules else [n for n in RULES if not (tree == "dynamic" and RULES[n].static_tree_only)]
-    return [(name, dict(setting)) for name in names for setting in RULES[name].sweep[: 1 if defaults_only else None]]
+    part = slice(0, 1) if defaults_only else slice(1, None) if sweep_only else slice(None)
+    return [(name, dict(setting)) for name in names for setting in RULES[name].sweep[part]]
 
 
 def _quality(bundle: api.Bundle, tokens: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
@@ -156,6 +160,7 @@ def run_rule_bench(
     sampling: dict[str, Any] | None = None,
     tree_options: dict[str, Any] | None = None,
     defaults_only: bool = False,
+    sweep_only: bool = False,
     on_row=None,
 ) -> list[dict[str, Any]]:
     """Every rule setting on one tree family vs vanilla, in one process.
@@ -168,7 +173,7 @@ def run_rule_bench(
     """
     sampling, tree_options = sampling or {}, tree_options or {}
     SamplingParams(**sampling)
-    settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only, tree=tree)
+    settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only, sweep_only=sweep_only, tree=tree)
     for name, params in settings[1:]:
         get_rule(name, **params)  # validate every setting before any compute
     bundle.drafter(drafter)

@@ -367,6 +367,7 @@ def bench_rules_cmd(
     drafter: str = typer.Option("eagle"),
     rules: Optional[str] = typer.Option(None, help="comma-separated rules (default: all, each with its sweep)"),
     defaults_only: bool = typer.Option(False, help="each rule at its paper defaults only, no sweep"),
+    sweep_only: bool = typer.Option(False, help="each rule's strength sweep without its defaults"),
     timing_images: int = typer.Option(4, min=1, help="images decoded one at a time for the speed ratio"),
     drift_images: int = typer.Option(2, min=0, help="images with exact per-node drift recorded"),
     quality_images: int = typer.Option(0, min=0, help="images for judge accuracy / in-domain FID (0 = skip)"),
@@ -412,6 +413,7 @@ def bench_rules_cmd(
     run_rule_bench(b, tree=tree, drafter=drafter, rules=rules.split(",") if rules else None,
                    timing_images=timing_images, drift_images=drift_images, quality_images=quality_images,
                    quality_batch=quality_batch, reference=reference, seed=seed, defaults_only=defaults_only,
+                   sweep_only=sweep_only,
                    sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
                    tree_options={"tree_top_k": tree_top_k, "depth": depth, "total_tokens": total_tokens}, on_row=save)
     typer.echo(format_rule_table(rows))

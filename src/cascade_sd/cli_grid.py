@@ -69,7 +69,7 @@ def evaluate(
 def figures(
     evals: list[Path] = typer.Argument(..., help="evaluation JSONs, in grid order"),
     config: Optional[Path] = ConfigOpt,
-    grids: str = typer.Option(..., help="comma-separated sample grid PNGs, one per evaluation"),
+    grids: list[Path] = typer.Option(..., "--grid", help="a sample grid PNG per evaluation, in the same order (repeat)"),
     out_dir: Path = typer.Option(...),
 ) -> None:
     """Results table (CSV + Markdown) and the grid figures, each with its CSV."""
@@ -78,7 +78,7 @@ def figures(
     from cascade_sd.tracking import child_run
 
     cfg = load_config(config)
-    pngs = [Path(g) for g in grids.split(",")]
+    pngs = list(grids)
     if len(pngs) != len(evals):
         from cascade_sd.errors import ConfigError
 

@@ -115,14 +115,15 @@ rule grid_figures:
         data=[f"{R}/figures/{name}.csv" for name in FIGURES],
     params:
         cfg=CFG,
-        grids=lambda wc, input: ",".join(input.grids),
+        evals=lambda wc, input: " ".join(f"'{e}'" for e in input.evals),
+        grids=lambda wc, input: " ".join(f"--grid '{g}'" for g in input.grids),
         out_dir=lambda wc, output: Path(output.table).parent,
     log:
         f"{R}/logs/grid_figures.log",
     conda:
         "../../environment.yml"
     shell:
-        "cascade-sd grid figures {input.evals} -c {params.cfg} --grids '{params.grids}' --out-dir {params.out_dir}"
+        "cascade-sd grid figures {params.evals} -c {params.cfg} {params.grids} --out-dir {params.out_dir}"
         " > {log} 2>&1"
 
 

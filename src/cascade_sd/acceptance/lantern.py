@@ -24,6 +24,8 @@ from cascade_sd.errors import ConfigError, check_range
 from cascade_sd.io import atomic_torch_save
 
 _TABLES: dict[tuple[str, int], torch.Tensor] = {}
+#: A residual row whose base mass outside Z_x is below this share of the total is summed directly.
+TIGHT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,9 @@ class _LatentProximity(AcceptanceRule):
         return _Scan(c=c, rejected=rejected, m=m[rejected])
 
     def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
-        """The enumerated law in O(V·|W|) (``accept_prob``'s formula for every token at once): the
-        residual after rejecting x ∈ W is a base law with x's zeroed set Z_x removed and
-        renormalised, so Σ_x w_x·R_x is one matrix product over W's keep-masks (same fallbacks as
+        """The enumerated law in O(V + |W|·k) (``accept_prob``'s formula for every token at once):
+        the residual after rejecting x ∈ W is a base law with x's zeroed set Z_x removed and
+        renormalised, so Σ_x w_x·R_x is one scatter over W's neighbour rows (same fallbacks as
         ``reject``; tests prove it equals the enumeration)."""
         p, q = state.p[0], state.q[0]
         scan = self._scan(p, q)
@@ -171,16 +173,26 @@ class _LatentProximity(AcceptanceRule):
         weight = q[w] - p[w] - scan.c[w]  # q(x)·(1 − a(x)) > 0: drawing and rejecting x ∈ W
         law = q.clone()
         law[w] = p[w] + scan.c[w]
-        # keep[x] marks the tokens outside Z_x = {x} ∪ its zeroed neighbours; R_x = base∘keep[x] / mass,
-        # base = [p − q]_+, else p. Masses are summed directly: 1 − base(Z_x) would cancel badly.
-        keep = torch.ones(w.numel(), p.shape[0], dtype=torch.bool, device=p.device)
-        keep.scatter_(1, nbrs, ~inside).scatter_(1, w[:, None], False)  # neighbour rows hold distinct tokens
+        # Z_x = {x} ∪ its zeroed neighbours; R_x = base∘1[∉Z_x] / mass_x, base = [p − q]_+, else p.
+        # Σ_x coef_x·R_x is a scatter over W's neighbour rows, O(|W|·k). Where Z_x holds nearly all
+        # of the base mass, 1 − base(Z_x) and the scattered differences cancel badly: those rows
+        # (``tight``) sum their complement directly, O(V) each.
+        flat = nbrs.flatten()
         for base in ((p - q).clamp_min(0.0), p):
-            mass = (base * keep).sum(-1)
-            live = ((base > 0) & keep).sum(-1)  # emptiness by support count (exact), not by rounded mass
+            near = base[nbrs] * inside
+            total = base.sum()
+            mass = total - base[w] - near.sum(-1)
+            live = (base > 0).sum() - (base[w] > 0).long() - (near > 0).sum(-1)  # exact support count
+            tight = mass < TIGHT * total
+            keep = torch.ones(int(tight.sum()), p.shape[0], dtype=torch.bool, device=p.device)
+            keep.scatter_(1, nbrs[tight], ~inside[tight]).scatter_(1, w[tight, None], False)  # rows: distinct tokens
+            mass[tight] = (base * keep).sum(-1)
             use = (weight > 0) & (live > 0)
             coef = torch.where(use, weight / mass.clamp_min(MASS_EPS), torch.zeros_like(weight))
-            law = law + base * (coef @ keep.to(base.dtype))
+            loose = torch.where(tight, torch.zeros_like(coef), coef)
+            removed = torch.zeros_like(p).index_add_(0, flat, (loose.unsqueeze(-1) * inside).flatten())
+            removed[w] += loose
+            law = law + base * (loose.sum() - removed) + base * (coef[tight] @ keep.to(base.dtype))
             weight = torch.where(use, torch.zeros_like(weight), weight)
         return law + weight.sum() * p  # both empty: ``normalise`` falls back to p
 
