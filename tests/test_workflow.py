@@ -117,24 +117,28 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     for f in victim.iterdir():
         f.unlink()
     job = f"decode lantern [{cell['tree']}, {cell['drafter']}] seed0"
+    before = {r.info.run_id for r in _runs(results)[1]}
+
+    def new_runs() -> list:
+        return [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job and r.info.run_id not in before]
+
     proc = subprocess.Popen([str(BIN / "snakemake"), "--configfile", ".test/config.yaml", "--config", f"results={results}",
                              "--cores", "2"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     deadline = time.time() + 300
-    while time.time() < deadline and not [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job]:
+    while time.time() < deadline and not new_runs():
         time.sleep(0.5)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    killed = [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job]
+    killed = new_runs()
     assert len(killed) == 1 and killed[0].info.status != "FINISHED"
     assert not (victim / "stats.json").exists()
     assert snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--unlock").returncode == 0
     rerun = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=600)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
     assert json.loads((victim / "stats.json").read_text())["tau"] == first["tau"]
-    statuses = sorted(r.info.status for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job)
-    assert statuses == ["FINISHED", "RUNNING"]
+    assert sorted(r.info.status for r in new_runs()) == ["FINISHED", "RUNNING"]
 
     # The HTML report bundles figures, tables and captions.
     report = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}",

@@ -2,8 +2,8 @@
 # Issue 6 (b): run the `.test` workflow through a single-node SLURM cluster started on this
 # machine (Debian slurm-wlm + munge, loopback only), with profiles/slurm unchanged.
 # Needs root (daemons, /etc). Usage: tests/slurm/run_workflow_on_slurm.sh [RESULTS_DIR]
-# The node advertises one generic `gpu` resource (no device file) so the profile's gres
-# requests are schedulable; jobs run on the CPU (device=auto). Job status comes from squeue
+# The machine has no GPU, so the node advertises one `gpu` gres backed by /dev/null: the
+# profile's gres requests stay as they are and are schedulable; jobs run on the CPU (device=auto). Job status comes from squeue
 # (no accounting daemon here), so the script passes --slurm-status-command squeue.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -46,16 +46,21 @@ GresTypes=gpu
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM} Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
 CONF
-echo "NodeName=${HOST} Name=gpu Count=1" > /etc/slurm/gres.conf
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+echo "NodeName=${HOST} Name=gpu File=/dev/null" > /etc/slurm/gres.conf
+pkill -x slurmd || true
+pkill -x slurmctld || true
+sleep 1
+slurmctld
+slurmd
+scontrol update nodename="${HOST}" state=resume 2>/dev/null || true
 for _ in $(seq 60); do sinfo -h -o %T 2>/dev/null | grep -q idle && break; sleep 1; done
 sinfo
 
 cd "$ROOT"
 start=$(date +%s)
 snakemake --profile profiles/slurm --configfile .test/config.yaml --config "results=${RESULTS}" \
-  --slurm-status-command squeue --default-resources mem_mb=4000 runtime=60 cpus_per_task=1
+  --slurm-status-command squeue --slurm-logdir "$(dirname "$RESULTS")/slurm_logs" \
+  --default-resources mem_mb=4000 runtime=60 cpus_per_task=1
 echo "workflow through SLURM finished in $(( $(date +%s) - start )) s"
 python - "$RESULTS" <<'PY'
 import json, sys
