@@ -55,8 +55,8 @@ def test_next_token_law_matches_processing(bundle):
         ({"tree": "tree-99"}, r"^tree='tree-99' is not a known preset"),
         ({"drafter": "medusa"}, r"^drafter='medusa' is not allowed; choose one of 'eagle', 'eagle3'$"),
         ({"tree": "dynamic", "tree_top_k": 0}, r"^top_k=0 is out of range"),
-        ({"tree": "dynamic", "depth": 0}, r"^depth=0 is out of range"),
-        ({"tree": "dynamic", "total_tokens": 1}, r"^total_tokens=1 is out of range"),
+        ({"tree": "dynamic", "tree_top_k": 2, "depth": 0}, r"^depth=0 is out of range"),
+        ({"tree": "dynamic", "tree_top_k": 2, "total_tokens": 1}, r"^total_tokens=1 is out of range"),
         ({"tree": "dynamic", "tree_top_k": 2, "depth": 2, "total_tokens": 50}, r"^total_tokens=50 is out of range"),
         ({"temperature": -0.5}, r"^temperature=-0.5 is out of range"),
         ({"method": "nope"}, r"^method='nope' is not allowed; choose one of 'cascade', 'cascade_bounded', 'coolsd', 'gsd', 'lantern', 'lantern_pp', 'strict', 'vanilla'$"),
@@ -95,6 +95,6 @@ def test_cli_decode_and_errors(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["mean_accepted_length"] >= 1 and (out / "tokens.npz").is_file()
     bad = subprocess.run(CLI + ["decode", "--bundle", "toy:vocab=5,len=6", "--out-dir", str(out), "--tree", "dynamic",
-                                "--depth", "0"], capture_output=True, text=True, timeout=120)
+                                "--tree-top-k", "2", "--depth", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: depth=0 is out of range; allowed [1, 32]"

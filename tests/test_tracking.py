@@ -41,18 +41,23 @@ def test_init_writes_parent_and_sqlite(results):
     assert parent[0].data.tags["git_sha"]
 
 
+def _run_jobs(results, n: int, *, timeout: float) -> list[int | None]:
+    """Start ``n`` job processes at once (spawned: fresh interpreters, like Snakemake's); their exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_job, args=(str(results), i)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    return [p.exitcode for p in procs]
+
+
 @pytest.mark.slow
 def test_sixteen_parallel_jobs_on_a_fresh_sqlite_database(tmp_path, monkeypatch):
     """16 processes open child runs at once on a database created just before: none is lost."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     init_tracking(tmp_path, "fresh", {"seed": 0})
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_job, args=(str(tmp_path), i)) for i in range(16)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * 16
+    assert _run_jobs(tmp_path, 16, timeout=300) == [0] * 16
     info, runs = _runs(tmp_path)
     children = [r for r in runs if r.data.tags.get("cascade_sd.job", "").startswith("job")]
     assert sorted(r.data.tags["cascade_sd.job"] for r in children) == sorted(f"job{i}" for i in range(16))
@@ -60,13 +65,7 @@ def test_sixteen_parallel_jobs_on_a_fresh_sqlite_database(tmp_path, monkeypatch)
 
 
 def test_parallel_child_runs_all_logged(results):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_job, args=(str(results), i)) for i in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
+    assert _run_jobs(results, 4, timeout=120) == [0] * 4
     info, runs = _runs(results)
     children = [r for r in runs if r.data.tags.get("cascade_sd.job", "").startswith("job")]
     assert all(r.data.tags["mlflow.parentRunId"] == info["parent_run_id"] for r in children)

@@ -164,11 +164,11 @@ def decode(
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
         return vanilla_decode(bundle.target, labels, params, generator=gen)
     rule = get_rule(method, **rule_params)
+    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     rule.bind(bundle.rule_resources())
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
-    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     check_int("drift_draws", drift_draws, 1)
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
