@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +64,7 @@ TIMING_KEYS = {"vanilla_seconds_per_image", "seconds_per_image", "speedup"}
 @pytest.mark.slow
 def test_ci_workflow_runs_end_to_end(tmp_path):
     """The `.test` config runs the whole DAG (models, decode grid, evaluation, audit, figures, heat-maps,
-    MLflow runs); a job killed with SIGKILL is redone and never counted as done; a cell decoded twice
-    gives the same tokens and metrics."""
+    MLflow runs, the HTML report); a cell decoded twice gives the same tokens and metrics."""
     results = tmp_path / "results"
     res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=1200)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -111,34 +108,6 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     for name in ("tokens.npz", "drift.npz"):
         a, b = np.load(lantern / name), np.load(tmp_path / "again" / name)
         assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a.files)
-
-    # SIGKILL mid-job: no output is taken as done, the killed run is not FINISHED, the rerun completes.
-    victim = lantern
-    for f in victim.iterdir():
-        f.unlink()
-    job = f"decode lantern [{cell['tree']}, {cell['drafter']}] seed0"
-    before = {r.info.run_id for r in _runs(results)[1]}
-
-    def new_runs() -> list:
-        return [r for r in _runs(results)[1] if r.data.tags.get("cascade_sd.job") == job and r.info.run_id not in before]
-
-    proc = subprocess.Popen([str(BIN / "snakemake"), "--configfile", ".test/config.yaml", "--config", f"results={results}",
-                             "--cores", "2"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
-    deadline = time.time() + 300
-    while time.time() < deadline and not new_runs():
-        time.sleep(0.5)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    killed = new_runs()
-    assert len(killed) == 1 and killed[0].info.status != "FINISHED"
-    assert not (victim / "stats.json").exists()
-    assert snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--unlock").returncode == 0
-    rerun = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=600)
-    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
-    assert json.loads((victim / "stats.json").read_text())["tau"] == first["tau"]
-    assert sorted(r.info.status for r in new_runs()) == ["FINISHED", "RUNNING"]
 
     # The HTML report bundles figures, tables and captions.
     report = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}",
