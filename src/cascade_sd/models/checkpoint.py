@@ -24,7 +24,7 @@ from cascade_sd.errors import CheckpointError
 from cascade_sd.io import atomic_torch_save
 
 FORMAT = "cascade-sd/1"
-KINDS = ("vq", "gpt", "judge", "drafter")
+KINDS = ("vq", "gpt", "judge", "drafter", "cae", "car")
 
 # Buffers some LlamaGen files carry that the package's modules recompute (llamagen.md).
 _KNOWN_EXTRAS = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.(k_cache|v_cache)$")

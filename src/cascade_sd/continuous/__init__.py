@@ -1,0 +1,1 @@
+"""Continuous-token AR image generation and its speculative decoding (CSpD; DESIGN 5)."""
