@@ -37,6 +37,13 @@ include: "workflow/rules/drafter.smk"
 include: "workflow/rules/grid.smk"
 
 
+# Continuous-token models and CSpD (DESIGN 5) are built-in only: they need the built-in data and judge.
+CONTINUOUS = BUILTIN and config["continuous"]["enabled"]
+if CONTINUOUS:
+
+    include: "workflow/rules/continuous.smk"
+
+
 rule all:
     input:
         (
@@ -50,4 +57,5 @@ rule all:
         rules.grid_figures.output,
         rules.grid_audit.output,
         rules.redundancy_heatmaps.output,
+        rules.cspd_figures.output if CONTINUOUS else [],
     default_target: True

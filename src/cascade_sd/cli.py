@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from cascade_sd.cli_continuous import continuous_app, decode_continuous_cmd
 from cascade_sd.cli_grid import grid_app
 from cascade_sd.cli_models import import_app
 from cascade_sd.config import load_config, validate_config
@@ -29,6 +30,7 @@ app.add_typer(track_app, name="track")
 app.add_typer(data_app, name="data")
 app.add_typer(grid_app, name="grid")
 app.add_typer(import_app, name="import")
+app.add_typer(continuous_app, name="continuous")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML (defaults: workflow/schemas/config.schema.yaml).")
 
@@ -242,7 +244,10 @@ def decode_cmd(
     ctx: typer.Context,
     bundle: str = typer.Option(..., help="bundle folder (results/models) or toy spec 'toy:vocab=5,len=3,seed=0'"),
     out_dir: Path = typer.Option(..., help="folder for tokens.npz, stats.json (and grid.png with a tokenizer)"),
-    method: str = typer.Option("strict", help="'vanilla' or an acceptance rule (see `cascade-sd rules`)"),
+    method: str = typer.Option("strict", help="'vanilla' or an acceptance rule (see `cascade-sd rules`); "
+                               "'vanilla' or 'cspd' with --model continuous"),
+    model: str = typer.Option("discrete", help="discrete (VQ tokens) or continuous (results/continuous: CSpD, "
+                              "flags --gamma --prefill --ratio-temperature --max-tries)"),
     tree: str = typer.Option("tree-57", help="chain-N, tree-25, tree-57 or dynamic"),
     drafter: str = typer.Option("eagle", help="drafter name in the bundle (eagle, eagle3, ...)"),
     labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
@@ -266,8 +271,16 @@ def decode_cmd(
     import numpy as np
 
     from cascade_sd import api
+    from cascade_sd.errors import check_choice
     from cascade_sd.io import atomic_savez, atomic_write_json
 
+    check_choice("model", model, ("discrete", "continuous"))
+    if model == "continuous":
+        if captions is not None or top_k != 0 or top_p != 1.0:
+            raise CascadeError("--captions, --top-k and --top-p do not apply to --model continuous")
+        return decode_continuous_cmd(ctx.args, bundle=bundle, out_dir=out_dir, method=method, seed=seed,
+                                     labels=labels, per_class=per_class, temperature=temperature,
+                                     cfg_scale=cfg_scale, device=device)
     b = api.load_bundle(bundle, device=device, dtype=dtype)
     cond, lab = _conditions(b, labels, per_class, captions)
     total = total_tokens if total_tokens == "auto" else int(total_tokens)

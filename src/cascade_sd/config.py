@@ -66,6 +66,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_models(value["models"])
+    if value["models"]["source"] != "builtin" and value["continuous"]["enabled"]:
+        raise ConfigError(f"config: continuous.enabled=true is not allowed with models.source="
+                          f"{value['models']['source']!r}; the CSpD branch trains built-in models (set it to false)")
     from cascade_sd.grid import check_decode
 
     check_decode(value)

@@ -1,0 +1,106 @@
+"""``cascade-sd continuous ...`` (the CSpD branch's workflow steps) and ``decode --model continuous``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cascade_sd.errors import CascadeError
+
+continuous_app = typer.Typer(no_args_is_help=True, help="Continuous tokens and CSpD: train, decode a cell, figures.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML.")
+
+# Flags of ``decode --model continuous`` beyond the shared ones, with their types.
+CSPD_FLAGS = {"gamma": int, "prefill": float, "ratio_temperature": float, "max_tries": int}
+
+
+@continuous_app.command("train-autoencoder")
+def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(...),
+                          latents: Path = typer.Option(..., help="latent cache of both splits to write"),
+                          metrics: Path = typer.Option(...), grid: Path = typer.Option(...)) -> None:
+    """Train the continuous autoencoder and encode the dataset once."""
+    from cascade_sd.config import load_config
+    from cascade_sd.continuous.jobs import train_autoencoder_job
+
+    typer.echo(json.dumps(train_autoencoder_job(load_config(config), out, latents, metrics, grid)))
+
+
+@continuous_app.command("train")
+def train_cmd(config: Optional[Path] = ConfigOpt, role: str = typer.Option(..., help="target or draft"),
+              latents: Path = typer.Option(...), out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+    """Train the continuous target or its draft model on the latent cache."""
+    from cascade_sd.config import load_config
+    from cascade_sd.continuous.jobs import train_continuous_job
+
+    typer.echo(json.dumps(train_continuous_job(load_config(config), role, latents, out, metrics)))
+
+
+@continuous_app.command("cell")
+def cell_cmd(config: Optional[Path] = ConfigOpt, bundle: Path = typer.Option(...), cell: str = typer.Option(...),
+             judge: Path = typer.Option(...), reference: Path = typer.Option(...),
+             out_dir: Path = typer.Option(...)) -> None:
+    """Decode one CSpD-grid cell for every seed, time it against vanilla at batch 1, evaluate it."""
+    from cascade_sd.config import load_config
+    from cascade_sd.continuous.jobs import cell_job
+
+    result = cell_job(load_config(config), bundle, cell, judge, reference, out_dir)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "accept_histogram"}))
+
+
+@continuous_app.command("figures")
+def figures_cmd(evals: list[Path] = typer.Argument(...), config: Optional[Path] = ConfigOpt,
+                out_dir: Path = typer.Option(...)) -> None:
+    """CSpD table and figure (speedup and FID vs γ per pre-fill)."""
+    from cascade_sd.config import load_config
+    from cascade_sd.continuous.jobs import figures_job
+
+    figures_job(load_config(config), evals, out_dir)
+
+
+def cspd_flags(args: list[str]) -> dict[str, Any]:
+    """``--gamma 4 --prefill 0.15 --ratio-temperature 1 --max-tries N`` from extra arguments, typed."""
+    out: dict[str, Any] = {}
+    it = iter(args)
+    for arg in it:
+        name, sep, value = arg.removeprefix("--").partition("=")
+        key = name.replace("-", "_")
+        if not arg.startswith("--") or key not in CSPD_FLAGS:
+            allowed = ", ".join("--" + k.replace("_", "-") for k in CSPD_FLAGS)
+            raise CascadeError(f"{arg!r} is not an option of --model continuous; its options: {allowed}")
+        value = value if sep else next(it, None)
+        if value is None:
+            raise CascadeError(f"--{name} needs a value")
+        try:
+            out[key] = CSPD_FLAGS[key](value)
+        except ValueError:
+            raise CascadeError(f"--{name}={value!r} is not a valid {CSPD_FLAGS[key].__name__}") from None
+    return out
+
+
+def decode_continuous_cmd(args: list[str], *, bundle: str, out_dir: Path, method: str, labels: Optional[str],
+                          per_class: Optional[int], seed: int, temperature: float, cfg_scale: float,
+                          device: str) -> None:
+    """``cascade-sd decode --model continuous``: latents, images grid and stats of vanilla or CSpD."""
+    import numpy as np
+
+    from cascade_sd.continuous.bundle import decode_continuous, load_continuous_bundle
+    from cascade_sd.continuous.train import decode_latents
+    from cascade_sd.cli import _parse_labels
+    from cascade_sd.imaging import save_grid
+    from cascade_sd.io import atomic_savez, atomic_write_json
+
+    flags = cspd_flags(args)
+    b = load_continuous_bundle(bundle, device=device)
+    labels = _parse_labels(labels, per_class, b.target.config.num_classes)
+    res = decode_continuous(b, labels, method=method, seed=seed, temperature=temperature, cfg_scale=cfg_scale,
+                            **flags)
+    res.stats["seed"] = seed
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_savez(out_dir / "latents.npz", latents=res.tokens.cpu().numpy(), labels=np.asarray(labels))
+    save_grid(decode_latents(b.autoencoder, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(labels), 10))
+    atomic_write_json(out_dir / "stats.json", res.stats)
+    typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
