@@ -31,7 +31,8 @@ def test_dry_run(extra, tmp_path):
     res = snakemake("-n", *extra, "--config", f"results={tmp_path}/results")
     assert res.returncode == 0, res.stderr[-2000:]
     for rule in ("mlflow_init", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla", "summary",
-                 "train_drafter", "grid_decode", "grid_evaluate", "grid_audit", "grid_figures", "redundancy_heatmaps"):
+                 "train_drafter", "grid_decode", "grid_evaluate", "grid_audit", "grid_figures", "redundancy_heatmaps",
+                 "train_autoencoder", "train_continuous", "cspd_cell", "cspd_figures"):
         assert rule in res.stdout
     resolved = yaml.safe_load((tmp_path / "results/config.resolved.yaml").read_text())
     if "profiles/gpu" in extra:
@@ -50,7 +51,8 @@ def test_real_checkpoint_experiment_dry_run(tmp_path):
     for rule in ("import_llamagen", "distill", "train_drafter", "grid_decode", "grid_evaluate", "grid_audit",
                  "grid_figures", "redundancy_heatmaps"):
         assert rule in res.stdout
-    for rule in ("train_tokenizer", "train_target", "train_judge", "grid_reference", "generate_vanilla"):
+    for rule in ("train_tokenizer", "train_target", "train_judge", "grid_reference", "generate_vanilla",
+                 "train_autoencoder", "cspd_cell"):
         assert f"rule {rule}" not in res.stdout and f"\n{rule} " not in res.stdout
     resolved = yaml.safe_load((tmp_path / "results/config.resolved.yaml").read_text())
     assert resolved["sample"] == {**resolved["sample"], "top_k": 2000, "cfg_scale": 3.0, "temperature": 1.0}
@@ -105,6 +107,11 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     for method in ("vanilla", "strict", "lantern", "lantern_pp", "coolsd", "gsd", "cascade", "cascade_bounded"):
         assert f"| {method} |" in table
     assert "eagle-rw2" in table
+    cspd = (figures / "cspd_table.md").read_text()
+    assert "| vanilla | vanilla |" in cspd and "| cspd-g2-p0.15-t1 | cspd |" in cspd and "t42" in cspd
+    for row in (json.loads(p.read_text()) for p in (results / "continuous/decode").glob("*/eval.json")):
+        assert row["tau"] >= 1.0 and row.get("capped_resamples", 0) == 0 and row["fid_in_domain"] >= 0.0
+    assert json.loads((results / "metrics/autoencoder.json").read_text())["test_psnr_db"] > 10
     audit = json.loads((results / "decode/audit.json").read_text())
     assert audit and all(a["verdict"] != "violated" for a in audit)
     cells = sorted((results / "decode").glob("**/seed0/stats.json"))
@@ -115,6 +122,8 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     assert {"data", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla_seed0",
             "train_drafter_eagle_rw2", "grid_reference", "audit", "figures", "redundancy_heatmaps"} <= jobs
     assert sum(j.startswith("decode ") for j in jobs) == 20 and sum(j.startswith("evaluate ") for j in jobs) == 10
+    assert {"train_autoencoder", "train_continuous_target", "train_continuous_draft"} <= jobs
+    assert sum(j.startswith("cspd decode ") for j in jobs) == 4 and sum(j.startswith("cspd evaluate ") for j in jobs) == 4
     assert all(r.info.status == "FINISHED" for r in runs if r.info.run_id != info["parent_run_id"])
 
     # Same config and seed: identical tokens and metrics (timings aside).

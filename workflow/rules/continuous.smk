@@ -77,7 +77,7 @@ rule cspd_cell:
     params:
         cfg=CFG,
         decode=config["continuous"]["decode"],
-        bundle=C,
+        bundle=lambda wc, input: Path(input.target).parent,
         out_dir=lambda wc, output: Path(output.evaluation).parent,
     threads: config["threads"]
     log:

@@ -138,7 +138,7 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
         _time_batch1(bundle, c, 1, 10_000, sampling)
     seed_stats, seed_dirs = [], []
     for seed in config["continuous"]["decode"]["seeds"]:
-        with child_run(config["results"], f"cspd {slug} seed{seed}", params={"cell": cell, "decode": dc},
+        with child_run(config["results"], f"cspd decode {slug} seed{seed}", params={"cell": cell, "decode": dc},
                        seed=seed) as run:
             tokens, totals = [], []
             for start in range(0, len(labels), dc["batch_size"]):
@@ -163,7 +163,7 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
             run.artifact(folder / "grid.png")
             seed_stats.append(stats)
             seed_dirs.append(folder)
-    with child_run(config["results"], f"evaluate cspd {slug}", params={"cell": cell}, seed=config["seed"]) as run:
+    with child_run(config["results"], f"cspd evaluate {slug}", params={"cell": cell}, seed=config["seed"]) as run:
         result = {**cell, "cell": slug, "seeds": [s["seed"] for s in seed_stats],
                   "speedup": float(np.mean([s["speedup"] for s in seed_stats])),
                   "speedup_range": [min(s["speedup"] for s in seed_stats), max(s["speedup"] for s in seed_stats)],
