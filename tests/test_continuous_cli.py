@@ -110,3 +110,30 @@ def test_continuous_branch_needs_builtin_models(tmp_path):
     with pytest.raises(ConfigError, match="continuous.enabled=true is not allowed with models.source='llamagen'"):
         validate_config({"models": real})
     assert validate_config({"models": real, "continuous": {"enabled": False}})["continuous"]["enabled"] is False
+
+
+def test_public_api_has_the_same_shape(tmp_path):
+    from cascade_sd import api
+
+    bundle = api.load_bundle(_bundle(tmp_path / "b"), model="continuous")
+    res = api.decode(bundle, [1, 2], method="cspd", seed=3, gamma=2, prefill=0.0)
+    assert res.tokens.shape == (2, 64, 4) and res.stats["mean_accepted_length"] >= 1
+    again = api.decode(bundle, [1, 2], method="cspd", seed=3, gamma=2, prefill=0.0)
+    assert torch.equal(res.tokens, again.tokens)
+    assert api.decode(bundle, [1], method="vanilla").stats["target_forwards"] == 64
+    with pytest.raises(ConfigError, match="top_k, top_p and record_drift do not apply to continuous models"):
+        api.decode(bundle, [1], top_k=5)
+    with pytest.raises(ConfigError, match="^model='audio' is not allowed"):
+        api.load_bundle(tmp_path, model="audio")
+
+
+def test_bench_command_prints_every_setting(tmp_path):
+    bundle = _bundle(tmp_path / "b")
+    res = _cli("continuous", "bench", "--bundle", str(bundle), "--gammas", "2,3", "--ratio-temperatures", "1,42",
+               "--images", "1", "--threads", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["method", "gamma", "ratio_temperature"] and len(lines) == 6
+    assert lines[1].split()[0] == "vanilla" and all(line.split()[0] == "cspd" for line in lines[2:])
+    bad = _cli("continuous", "bench", "--bundle", str(bundle), "--gammas", "0", "--images", "1")
+    assert bad.returncode == 2 and "gamma=0 is out of range" in bad.stderr

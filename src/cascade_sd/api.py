@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cascade_sd.acceptance import RULES, AcceptanceRule, RuleResources, get_rule
+from cascade_sd.continuous.bundle import ContinuousBundle, decode_continuous, load_continuous_bundle
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
@@ -82,15 +83,22 @@ def model_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | None = None) -> Bundle:
+def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | None = None,
+                model: str = "discrete") -> Any:
     """Load a bundle folder or build a toy bundle from ``toy:...``; checks drafters belong to the target.
 
     Target and drafters are cast to ``dtype`` (default float32 on CPU, bfloat16 on CUDA); hashes are
-    checked on the stored weights first. Logits are always float32.
+    checked on the stored weights first. Logits are always float32. ``model="continuous"`` loads a
+    continuous bundle (``results/continuous``: autoencoder, target, draft; float32) for CSpD.
     """
+    check_choice("model", model, ("discrete", "continuous"))
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but no CUDA device is available; allowed here: 'cpu'")
+    if model == "continuous":
+        if dtype not in (None, "float32"):
+            raise ConfigError(f"dtype={dtype!r} is not allowed for continuous models; allowed: 'float32'")
+        return load_continuous_bundle(spec, device=device)
     bundle = _load_bundle(spec, device)
     wdtype = model_dtype(device, dtype)
     bundle.target.to(wdtype)
@@ -178,7 +186,8 @@ def decode(
     drift_rows: int | None = None,
     **rule_params: Any,
 ) -> DecodeResult:
-    """Decode one image per condition; ``method="vanilla"`` is plain AR decoding, otherwise a rule name.
+    """Decode one image per condition; ``method="vanilla"`` is plain AR decoding, otherwise a rule name
+    (with a continuous bundle: ``"vanilla"`` or ``"cspd"``, whose parameters come as ``rule_params``).
 
     ``labels`` are what ``bundle.target.prepare_condition`` takes: class labels (c2i), ``Captions`` or
     caption features [B, n, 2048] (LlamaGen t2i), or prompts as lists of token ids (transformers adapters).
@@ -189,6 +198,12 @@ def decode(
     tokens do not change. Everything is validated (one-line
     errors) before any compute starts.
     """
+    if isinstance(bundle, ContinuousBundle):
+        if top_k != 0 or top_p != 1.0 or record_drift:
+            raise ConfigError("top_k, top_p and record_drift do not apply to continuous models; "
+                              "CSpD takes gamma, prefill, ratio_temperature and max_tries")
+        return decode_continuous(bundle, labels, method=method, seed=seed, temperature=temperature,
+                                 cfg_scale=cfg_scale, **rule_params)
     check_choice("method", method, ["vanilla", *RULES])
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     cond, valid = bundle.target.prepare_condition(labels)

@@ -61,6 +61,32 @@ def figures_cmd(evals: list[Path] = typer.Argument(...), config: Optional[Path] 
     figures_job(load_config(config), evals, out_dir)
 
 
+@continuous_app.command("bench")
+def bench_cmd(bundle: Path = typer.Option(..., help="continuous bundle folder (results/continuous)"),
+              gammas: str = typer.Option("2,4,8"), prefill: float = typer.Option(0.15),
+              ratio_temperatures: str = typer.Option("1", help="comma-separated; 1 is exact"),
+              images: int = typer.Option(5, min=1, help="batch-1 images per setting (median time)"),
+              seed: int = typer.Option(0, min=0), cfg_scale: float = typer.Option(1.0),
+              temperature: float = typer.Option(1.0), threads: int = typer.Option(2, min=1),
+              device: str = typer.Option("cpu")) -> None:
+    """Vanilla vs CSpD at batch 1 in one process (warm, medians): τ, acceptance, tries, speedup, cost split."""
+    import torch
+
+    from cascade_sd import api
+    from cascade_sd.continuous.bench import bench_continuous, format_rows
+
+    try:
+        gamma_list = [int(g) for g in gammas.split(",")]
+        temps = [float(t) for t in ratio_temperatures.split(",")]
+    except ValueError:
+        raise CascadeError("--gammas and --ratio-temperatures take comma-separated numbers") from None
+    torch.set_num_threads(threads)
+    b = api.load_bundle(bundle, device=device, model="continuous")
+    rows = bench_continuous(b, gammas=gamma_list, prefill=prefill, ratio_temperatures=temps, images=images,
+                            seed=seed, cfg_scale=cfg_scale, temperature=temperature)
+    typer.echo(format_rows(rows))
+
+
 def cspd_flags(args: list[str]) -> dict[str, Any]:
     """``--gamma 4 --prefill 0.15 --ratio-temperature 1 --max-tries N`` from extra arguments, typed."""
     out: dict[str, Any] = {}
@@ -87,17 +113,16 @@ def decode_continuous_cmd(args: list[str], *, bundle: str, out_dir: Path, method
     """``cascade-sd decode --model continuous``: latents, images grid and stats of vanilla or CSpD."""
     import numpy as np
 
-    from cascade_sd.continuous.bundle import decode_continuous, load_continuous_bundle
+    from cascade_sd import api
     from cascade_sd.continuous.train import decode_latents
     from cascade_sd.cli import _parse_labels
     from cascade_sd.imaging import save_grid
     from cascade_sd.io import atomic_savez, atomic_write_json
 
     flags = cspd_flags(args)
-    b = load_continuous_bundle(bundle, device=device)
+    b = api.load_bundle(bundle, device=device, model="continuous")
     labels = _parse_labels(labels, per_class, b.target.config.num_classes)
-    res = decode_continuous(b, labels, method=method, seed=seed, temperature=temperature, cfg_scale=cfg_scale,
-                            **flags)
+    res = api.decode(b, labels, method=method, seed=seed, temperature=temperature, cfg_scale=cfg_scale, **flags)
     res.stats["seed"] = seed
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_dir / "latents.npz", latents=res.tokens.cpu().numpy(), labels=np.asarray(labels))
