@@ -178,7 +178,7 @@ class AEConfig:
     """Continuous autoencoder: the tokenizer's encoder/decoder (DESIGN 2) without the quantiser."""
 
     latent_dim: int = 4
-    base_channels: int = 32
+    base_channels: int = 16
     ch_mult: tuple[int, ...] = (1, 2, 2)
     res_blocks: int = 1
     z_channels: int = 64
