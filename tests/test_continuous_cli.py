@@ -54,7 +54,8 @@ def test_decode_command_writes_latents_grid_and_stats(tmp_path):
     (["--prefill", "1"], "prefill=1.0 is out of range; allowed [0, 1)"),
     (["--delta", "0.1"], "'--delta' is not an option of --model continuous"),
     (["--gamma", "two"], "--gamma='two' is not a valid int"),
-    (["--top-k", "5"], "--top-k and --top-p do not apply to --model continuous"),
+    (["--top-k", "5"], "--top-k, --top-p and --record-drift do not apply to --model continuous"),
+    (["--dtype", "bfloat16"], "dtype='bfloat16' is not allowed for continuous models"),
 ])
 def test_decode_command_bad_flags(tmp_path, args, message):
     bundle = _bundle(tmp_path / "b")

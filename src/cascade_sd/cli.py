@@ -276,11 +276,11 @@ def decode_cmd(
 
     check_choice("model", model, ("discrete", "continuous"))
     if model == "continuous":
-        if captions is not None or top_k != 0 or top_p != 1.0:
-            raise CascadeError("--captions, --top-k and --top-p do not apply to --model continuous")
+        if captions is not None or top_k != 0 or top_p != 1.0 or record_drift:
+            raise CascadeError("--captions, --top-k, --top-p and --record-drift do not apply to --model continuous")
         return decode_continuous_cmd(ctx.args, bundle=bundle, out_dir=out_dir, method=method, seed=seed,
                                      labels=labels, per_class=per_class, temperature=temperature,
-                                     cfg_scale=cfg_scale, device=device)
+                                     cfg_scale=cfg_scale, device=device, dtype=dtype)
     b = api.load_bundle(bundle, device=device, dtype=dtype)
     cond, lab = _conditions(b, labels, per_class, captions)
     total = total_tokens if total_tokens == "auto" else int(total_tokens)

@@ -31,7 +31,8 @@ def train_autoencoder_cmd(config: Optional[Path] = ConfigOpt, out: Path = typer.
 
 @continuous_app.command("train")
 def train_cmd(config: Optional[Path] = ConfigOpt, role: str = typer.Option(..., help="target or draft"),
-              latents: Path = typer.Option(...), out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+              latents: Path = typer.Option(...), out: Path = typer.Option(...),
+              metrics: Path = typer.Option(...)) -> None:
     """Train the continuous target or its draft model on the latent cache."""
     from cascade_sd.config import load_config
     from cascade_sd.continuous.jobs import train_continuous_job
@@ -109,7 +110,7 @@ def cspd_flags(args: list[str]) -> dict[str, Any]:
 
 def decode_continuous_cmd(args: list[str], *, bundle: str, out_dir: Path, method: str, labels: Optional[str],
                           per_class: Optional[int], seed: int, temperature: float, cfg_scale: float,
-                          device: str) -> None:
+                          device: str, dtype: Optional[str]) -> None:
     """``cascade-sd decode --model continuous``: latents, images grid and stats of vanilla or CSpD."""
     import numpy as np
 
@@ -120,7 +121,7 @@ def decode_continuous_cmd(args: list[str], *, bundle: str, out_dir: Path, method
     from cascade_sd.io import atomic_savez, atomic_write_json
 
     flags = cspd_flags(args)
-    b = api.load_bundle(bundle, device=device, model="continuous")
+    b = api.load_bundle(bundle, device=device, dtype=dtype, model="continuous")
     labels = _parse_labels(labels, per_class, b.target.config.num_classes)
     res = api.decode(b, labels, method=method, seed=seed, temperature=temperature, cfg_scale=cfg_scale, **flags)
     res.stats["seed"] = seed

@@ -80,7 +80,6 @@ class _Streams:
         null = torch.full_like(labels, model.null_class)
         self.labels = torch.cat([labels, null]) if params.uses_cfg else labels
         self.copies = 2 if params.uses_cfg else 1
-        self.cache_len = cache_len
         model.setup_cache(self.labels.shape[0], cache_len)
         self.slots = torch.arange(cache_len, device=labels.device)
 
@@ -208,7 +207,8 @@ def cspd_decode(target: ContinuousAR, draft: ContinuousAR, labels: torch.Tensor,
         out = verify_drafts(drafts, GaussianLaw(p.mean[:, :gamma], p.std[:, :gamma]), GaussianLaw(q_mean, q_std),
                             limit, generator, ratio_temperature=ratio_temperature, max_tries=max_tries)
         k = out.accepted
-        bonus = GaussianLaw(p.mean[rows, k], p.std[rows, k]).sample(torch.randn((b, d), generator=generator, device=device))
+        fresh = torch.randn((b, d), generator=generator, device=device)
+        bonus = GaussianLaw(p.mean[rows, k], p.std[rows, k]).sample(fresh)
         last = length + k
         write = active & (last < n)
         seq[rows[write], last[write]] = torch.where(out.rejected[:, None], out.correction, bonus)[write]

@@ -24,7 +24,7 @@ from torch import nn
 from cascade_sd.continuous.step import GaussianLaw
 
 # Tokens are standardised (zero mean, unit variance per channel), so x̂₀ is clipped to ±X0_CLIP as DDPM
-# clips it to the data range: at high noise levels x̂₀ = (x − √(1−ᾱ) ε̂)/√ᾱ amplifies ε̂'s error by 1/√ᾱ.
+# clips it to the data range: at high noise x̂₀ = (x − √(1−ᾱ) ε̂)/√ᾱ multiplies ε̂'s error by 1/√ᾱ.
 X0_CLIP = 5.0
 
 
@@ -40,8 +40,9 @@ class SamplingSchedule:
     """DDPM ancestral sampling on ``sample_steps`` evenly spaced timesteps of a ``train_steps`` schedule.
 
     Step i (i = S-1 … 0) maps x at timestep τ_i to timestep τ_{i-1} (clean after i = 0) with the
-    posterior mean of x̂₀ = (x − √(1−ᾱ) ε̂)/√ᾱ (clipped to ±X0_CLIP) and variance β̃_i; the last step's β̃_0 is 0 and uses
-    β̃_1 instead (improved DDPM's clipped log-variance), so it is a proper Gaussian.
+    posterior mean of x̂₀ = (x − √(1−ᾱ) ε̂)/√ᾱ (clipped to ±X0_CLIP) and variance β̃_i (DDPM, Ho et
+    al. 2020, eqs. 6-7); the last step's β̃_0 is 0 and uses β̃_1 instead (improved DDPM's clipped
+    log-variance), so it is a proper Gaussian.
     """
 
     def __init__(self, train_steps: int, sample_steps: int) -> None:

@@ -17,7 +17,7 @@ from cascade_sd.continuous.heads import DiffusionHead, GaussianHead
 from cascade_sd.errors import CheckpointError, ConfigError, check_choice, check_int, check_range
 from cascade_sd.models.checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
 from cascade_sd.models.gpt import (
-    GPTConfig, LabelEmbedder, RMSNorm, TransformerBlock, copy_slots, precompute_rope_2d, require_cache,
+    GPTConfig, LabelEmbedder, RMSNorm, TransformerBlock, precompute_rope_2d, require_cache,
 )
 from cascade_sd.models.vq import Decoder, Encoder, VQConfig
 
@@ -159,10 +159,6 @@ class ContinuousAR(nn.Module):
             h = layer(h, cos, sin, positions, mask)
         return self.norm(h)
 
-    def copy_cache(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-        """Copy every layer's k/v of row b from ``src_slots[b]`` to ``dst_slots[b]``."""
-        copy_slots(self._kv, src_slots, dst_slots)
-
     def loss(self, labels: torch.Tensor, latents: torch.Tensor, *, batch_mul: int = 4,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Head loss over every token of latents [B, N, d], each token repeated ``batch_mul`` times
@@ -254,7 +250,8 @@ class ContinuousAE(nn.Module):
         return self.decode_map(z).clamp(-1.0, 1.0)
 
 
-def save_model(path: str | os.PathLike, model: ContinuousAE | ContinuousAR, extra: Mapping[str, Any] | None = None) -> str:
+def save_model(path: str | os.PathLike, model: ContinuousAE | ContinuousAR,
+               extra: Mapping[str, Any] | None = None) -> str:
     """Write an autoencoder ("cae") or AR model ("car") checkpoint; return its hash."""
     kind = "cae" if isinstance(model, ContinuousAE) else "car"
     return save_checkpoint(path, kind, model.config.to_dict(), model.state_dict(), extra)

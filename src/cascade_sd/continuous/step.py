@@ -6,7 +6,7 @@ acceptance–rejection with proposal p: draw y ~ p, keep it with probability (p(
 The output then has law p exactly (the continuous analogue of Leviathan et al.'s lemma).
 
 Here p and q are Gaussians (diagonal covariance). For a diffusion head they are the laws of the
-last denoising step given the shared noise of the earlier steps (``diffusion.py``); for a
+last denoising step given the shared noise of the earlier steps (``heads.py``); for a
 closed-form Gaussian head they are the head's output laws. ``ratio_temperature`` is the authors'
 softened ratio (their code divides the log-ratio by 42): min(1, (p/q)^(1/T)); T = 1 is exact.
 """
@@ -71,7 +71,8 @@ def sample_residual(
     """Draw one y per row from [p − q]_+ by acceptance–rejection with proposal p.
 
     Tries are drawn ``chunk`` at a time and the first kept one is used, which has the same law as
-    trying one at a time. Rows where ``need`` is False are skipped (returned as the mean, 0 tries). Returns (y [..., d], tries [...] = index of the kept try + 1, capped [...]).
+    trying one at a time. Rows where ``need`` is False are skipped (returned as the mean, 0 tries).
+    Returns (y [..., d], tries [...] = index of the kept try + 1, capped [...]).
     A row with no kept try within ``max_tries`` (only when TV(p, q) is tiny, then its probability is
     at most (1 − TV)^max_tries) keeps its last proposal, a draw from p, and is flagged ``capped``.
     """
