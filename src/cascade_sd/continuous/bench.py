@@ -8,7 +8,7 @@ import statistics
 from typing import Any, Iterable
 
 from cascade_sd.continuous.bundle import ContinuousBundle, decode_continuous
-from cascade_sd.continuous.decoding import check_cspd_params
+from cascade_sd.continuous.decoding import check_cspd_params, pool_round_stats
 
 
 def bench_continuous(bundle: ContinuousBundle, *, gammas: Iterable[int] = (2, 4, 8), prefill: float = 0.15,
@@ -29,15 +29,10 @@ def bench_continuous(bundle: ContinuousBundle, *, gammas: Iterable[int] = (2, 4,
         stats = [decode_continuous(bundle, [i % classes], seed=seed + i, **sampling, **s).stats for i in range(images)]
         row: dict[str, Any] = {**s, "seconds_per_image": statistics.median(st["seconds"] for st in stats)}
         if s["method"] == "cspd":
-            rounds = sum(st["rounds"] for st in stats)
-            rejections = sum(st["rejections"] for st in stats)
-            kept = sum((st["mean_accepted_length"] - 1) * st["rounds"] for st in stats)
+            pooled = pool_round_stats(stats)
             total = sum(st["seconds"] for st in stats)
-            row |= {"tau": sum(st["mean_accepted_length"] * st["rounds"] for st in stats) / rounds,
-                    "acceptance_rate": kept / (kept + rejections) if kept + rejections else float("nan"),
-                    "mean_tries": (sum(st["mean_tries"] * st["rejections"] for st in stats if st["rejections"])
-                                   / rejections if rejections else float("nan")),
-                    "draft_share": sum(st["drafter_seconds"] for st in stats) / total,
+            row |= {k: pooled[k] for k in ("tau", "acceptance_rate", "mean_tries")}
+            row |= {"draft_share": sum(st["drafter_seconds"] for st in stats) / total,
                     "draft_token_seconds": (sum(st["drafter_seconds"] for st in stats)
                                             / sum(st["drafter_forwards"] for st in stats))}
         rows.append(row)

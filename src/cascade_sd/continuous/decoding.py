@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,3 +233,21 @@ def cspd_decode(target: ContinuousAR, draft: ContinuousAR, labels: torch.Tensor,
         "capped_resamples": capped,
     })
     return DecodeResult(tokens=seq[:, :n].contiguous(), stats=summary)
+
+
+def pool_round_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool τ, the histogram, acceptance (kept / (kept + rejected) drafts) and residual tries over decode
+    calls or seeds, weighted by their round and rejection counts; vanilla parts have no rounds."""
+    rounds = sum(p.get("rounds", 0) for p in parts)
+    if not rounds:
+        return {"tau": 1.0, "rounds": 0}
+    tau_rounds = sum(p.get("tau", p.get("mean_accepted_length")) * p["rounds"] for p in parts)
+    kept, rejections = tau_rounds - rounds, sum(p["rejections"] for p in parts)
+    hist = np.zeros(max(len(p["accept_histogram"]) for p in parts), dtype=np.int64)
+    for p in parts:
+        hist[: len(p["accept_histogram"])] += p["accept_histogram"]
+    tries = sum(p["mean_tries"] * p["rejections"] for p in parts if p["rejections"])
+    return {"tau": tau_rounds / rounds, "rounds": rounds, "accept_histogram": hist.tolist(),
+            "acceptance_rate": kept / (kept + rejections) if kept + rejections else float("nan"),
+            "rejections": rejections, "mean_tries": tries / rejections if rejections else float("nan"),
+            "capped_resamples": sum(p["capped_resamples"] for p in parts), "prefill_tokens": parts[0]["prefill_tokens"]}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cascade_sd.continuous.bundle import decode_continuous, load_continuous_bundle
+from cascade_sd.continuous.decoding import pool_round_stats
 from cascade_sd.continuous.model import AEConfig, ContinuousConfig, save_model
 from cascade_sd.continuous.train import decode_latents, encode_images, train_autoencoder, train_continuous
 from cascade_sd.errors import ConfigError
@@ -153,7 +154,7 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
             stats = {**cell, "cell": slug, "seed": seed, "images": len(labels),
                      "vanilla_seconds_per_image": t_van / dc["timing_images"],
                      "seconds_per_image": t_sd / dc["timing_images"], "speedup": t_van / t_sd,
-                     **_merge_round_stats(totals)}
+                     **pool_round_stats(totals)}
             folder = out_dir / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             atomic_savez(folder / "images.npz", images=images.numpy(), labels=labels.numpy())
@@ -168,30 +169,12 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
                   "speedup": float(np.mean([s["speedup"] for s in seed_stats])),
                   "speedup_range": [min(s["speedup"] for s in seed_stats), max(s["speedup"] for s in seed_stats)],
                   "seconds_per_image": float(np.mean([s["seconds_per_image"] for s in seed_stats])),
-                  **_merge_round_stats(seed_stats),
+                  **pool_round_stats(seed_stats),
                   **_quality(judge, reference, seed_dirs, config["decode"]["bootstrap"], config["seed"])}
         atomic_write_json(out_dir / "eval.json", result)
         run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.artifact(out_dir / "eval.json")
     return result
-
-
-def _merge_round_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pool τ, the histogram, acceptance (kept / (kept + rejected) drafts) and residual tries over decode
-    calls or seeds, weighted by their round and rejection counts; vanilla parts have no rounds."""
-    rounds = sum(p.get("rounds", 0) for p in parts)
-    if not rounds:
-        return {"tau": 1.0, "rounds": 0}
-    tau_rounds = sum(p.get("tau", p.get("mean_accepted_length")) * p["rounds"] for p in parts)
-    kept, rejections = tau_rounds - rounds, sum(p["rejections"] for p in parts)
-    hist = np.zeros(max(len(p["accept_histogram"]) for p in parts), dtype=np.int64)
-    for p in parts:
-        hist[: len(p["accept_histogram"])] += p["accept_histogram"]
-    tries = sum(p["mean_tries"] * p["rejections"] for p in parts if p["rejections"])
-    return {"tau": tau_rounds / rounds, "rounds": rounds, "accept_histogram": hist.tolist(),
-            "acceptance_rate": kept / (kept + rejections) if kept + rejections else float("nan"),
-            "rejections": rejections, "mean_tries": tries / rejections if rejections else float("nan"),
-            "capped_resamples": sum(p["capped_resamples"] for p in parts), "prefill_tokens": parts[0]["prefill_tokens"]}
 
 
 def figures_job(config: dict[str, Any], evals: list[Path], out_dir: Path) -> list[dict[str, Any]]:
