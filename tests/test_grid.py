@@ -88,13 +88,13 @@ def test_kid_is_the_unbiased_mmd_and_centred_at_zero_for_one_distribution():
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(200)
 
 
-def _fake_cell(folder, seed: int, method: str, rng) -> None:
+def _fake_cell(folder, seed: int, method: str, rng, tree: str = "tree-57", drafter: str = "eagle") -> None:
     """A decode folder as grid_decode_job writes it (stats and drift only: no quality inputs)."""
     import json
 
     folder.mkdir(parents=True)
     hist = rng.integers(1, 50, size=5).tolist()
-    stats = {"tree": "tree-57", "drafter": "eagle", "method": method, "setting": "default", "seed": seed,
+    stats = {"tree": tree, "drafter": drafter, "method": method, "setting": "default", "seed": seed,
              "rule_params": {"delta": 0.1} if method == "lantern" else {}, "images": 3, "tau": 2.5, "rounds": 40,
              "accept_histogram": hist, "vanilla_seconds_per_image": 1.0, "seconds_per_image": 0.5, "speedup": 2.0}
     (folder / "stats.json").write_text(json.dumps(stats))
@@ -135,6 +135,48 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
     assert "| lantern | default | tree-57 | eagle | 2.50 | 2.00 (2.00–2.00) | – | – [–, –] | – [–, –] |" in table
     assert not (tmp_path / "figures/pareto.png").exists() and (tmp_path / "figures/strength.png").exists()
     assert len(rows) == 2
+
+
+def test_every_cell_is_evaluated_in_one_call_and_a_missing_cell_fails_first(tmp_path):
+    """grid_evaluate_all_job walks the config's grid: one JSON per cell at the Paramspace path, and a
+    cell with no decode output is an error naming it before any cell is evaluated."""
+    import json
+
+    from cascade_sd.grid import cell_path, grid_evaluate_all_job
+    from cascade_sd.tracking import init_tracking
+
+    rng = np.random.default_rng(1)
+    cfg = validate_config({"results": str(tmp_path / "results"),
+                           "decode": {"bootstrap": 20, "seeds": [0, 1], "groups": [{"tree": "tree-57", "methods": ["lantern"]}]}})
+    init_tracking(cfg["results"], cfg["mlflow"]["experiment"], cfg)
+    cells = grid_rows(cfg)
+    assert [c["method"] for c in cells] == ["vanilla", "strict", "lantern"]
+    decode_dir, out_dir = tmp_path / "decode", tmp_path / "eval"
+    for cell in cells[:2]:
+        for seed in (0, 1):
+            _fake_cell(decode_dir / cell_path(cell) / f"seed{seed}", seed, cell["method"], rng, cell["tree"], cell["drafter"])
+    with pytest.raises(ConfigError, match=r"method~lantern/setting~default/seed0 and 1 more"):
+        grid_evaluate_all_job(cfg, None, None, decode_dir, out_dir)
+    assert not out_dir.exists()
+    for seed in (0, 1):
+        _fake_cell(decode_dir / cell_path(cells[2]) / f"seed{seed}", seed, "lantern", rng)
+    results = grid_evaluate_all_job(cfg, None, None, decode_dir, out_dir)
+    assert [r["method"] for r in results] == ["vanilla", "strict", "lantern"]
+    assert cell_path(cells[2]) == "tree~tree-57/drafter~eagle/method~lantern/setting~default"
+    for cell, result in zip(cells, results):
+        assert json.loads((out_dir / f"{cell_path(cell)}.json").read_text()) == result
+        assert result["images"] == 6 and result["seeds"] == [0, 1]
+
+
+def test_redundancy_archs_pick_the_weighted_drafters():
+    cfg = validate_config({"drafter": {"redundancy_archs": ["eagle"]},
+                           "decode": {"groups": [{"tree": "chain-4", "drafter": "eagle-rw2", "methods": ["cascade"]}]}})
+    assert drafter_names(cfg) == ["eagle", "eagle-rw2", "eagle3"]
+    with pytest.raises(ConfigError, match="decode.groups.0.drafter='eagle3-rw2' is not trained"):
+        validate_config({"drafter": {"redundancy_archs": ["eagle"]},
+                         "decode": {"groups": [{"tree": "chain-4", "drafter": "eagle3-rw2"}]}})
+    with pytest.raises(ConfigError, match="drafter.redundancy_archs contains 'eagle3', which is not in drafter.archs"):
+        validate_config({"drafter": {"archs": ["eagle"], "redundancy_archs": ["eagle3"]}})
 
 
 def test_real_checkpoint_config_needs_its_files(tmp_path):

@@ -51,22 +51,22 @@ def reference(config: Optional[Path] = ConfigOpt, judge: Path = typer.Option(...
 
 @grid_app.command("evaluate")
 def evaluate(
-    seed_dirs: list[Path] = typer.Argument(..., help="the cell's decode folders, one per seed"),
     config: Optional[Path] = ConfigOpt,
+    decode_dir: Path = typer.Option(..., help="the grid's decode folder (results/decode): <cell>/seed<S>/ per cell and seed"),
     judge: Optional[Path] = typer.Option(None),
     reference: Optional[Path] = typer.Option(None, help="features from `cascade-sd grid reference`"),
     no_quality: bool = typer.Option(False, help="no in-domain judge (real checkpoints): τ, speedup and drift only"),
-    out: Path = typer.Option(...),
+    out_dir: Path = typer.Option(..., help="writes <cell>.json per cell (results/eval/grid)"),
 ) -> None:
-    """Quality (bootstrap CIs), τ, speedup and drift of one cell over its seeds."""
+    """Quality (bootstrap CIs), τ, speedup and drift of every grid cell over its seeds, one line per cell."""
     from cascade_sd.config import load_config
     from cascade_sd.errors import ConfigError
-    from cascade_sd.grid import grid_evaluate_job
+    from cascade_sd.grid import grid_evaluate_all_job
 
     if no_quality == (judge is not None or reference is not None):
         raise ConfigError("grid evaluate: give --judge and --reference, or --no-quality (not both)")
-    result = grid_evaluate_job(load_config(config), judge, reference, seed_dirs, out)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "accept_histogram"}))
+    for result in grid_evaluate_all_job(load_config(config), judge, reference, decode_dir, out_dir):
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "accept_histogram"}))
 
 
 @grid_app.command("figures")

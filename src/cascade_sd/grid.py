@@ -48,10 +48,15 @@ def parse_setting(method: str, slug: str) -> dict[str, Any]:
 
 
 def drafter_names(config: dict[str, Any]) -> list[str]:
-    """Drafters the workflow trains: every arch, plain and with each redundancy weight (``eagle-rw2``)."""
+    """Drafters the workflow trains: every arch plain, and each of ``redundancy_archs`` with each
+    redundancy weight (``eagle-rw2``)."""
     dc = config["drafter"]
+    extra = [a for a in dc["redundancy_archs"] if a not in dc["archs"]]
+    if extra:
+        raise ConfigError(f"config: drafter.redundancy_archs contains {extra[0]!r}, which is not in drafter.archs; "
+                          f"choose from {', '.join(map(repr, dc['archs']))}")
     return [f"{arch}{'' if w is None else f'-rw{w:g}'}" for arch in dc["archs"]
-            for w in [None, *dc["redundancy_weights"]]]
+            for w in [None, *(dc["redundancy_weights"] if arch in dc["redundancy_archs"] else [])]]
 
 
 def _group_methods(group: dict[str, Any]) -> list[str]:
@@ -104,6 +109,11 @@ def cell_name(cell: dict[str, str]) -> str:
         return "vanilla"
     tail = "" if cell["setting"] == "default" else f" {cell['setting']}"
     return f"{cell['method']}{tail} [{cell['tree']}, {cell['drafter']}]"
+
+
+def cell_path(cell: dict[str, str]) -> str:
+    """The cell's relative folder, as the workflow's Paramspace names it (``tree~T/drafter~D/method~M/setting~S``)."""
+    return "/".join(f"{key}~{cell[key]}" for key in ("tree", "drafter", "method", "setting"))
 
 
 def grid_decode_job(config: dict[str, Any], bundle_dir: Path, cell: dict[str, str], seeds: list[int],
@@ -283,6 +293,20 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
         run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.artifact(out)
     return result
+
+
+def grid_evaluate_all_job(config: dict[str, Any], judge_path: Path | None, reference: Path | None,
+                          decode_dir: Path, out_dir: Path) -> list[dict[str, Any]]:
+    """Evaluate every cell of the config's grid (``decode_dir/<cell>/seed<s>`` for each configured seed
+    into ``out_dir/<cell>.json``) in one process: a job per cell would spend more on start-up than on
+    the evaluation itself. A missing decode folder is an error before any cell is evaluated."""
+    cells = grid_rows(config)
+    seed_dirs = {cell_path(c): [decode_dir / cell_path(c) / f"seed{s}" for s in config["decode"]["seeds"]] for c in cells}
+    missing = [str(d) for dirs in seed_dirs.values() for d in dirs if not (d / "stats.json").is_file()]
+    if missing:
+        raise ConfigError(f"grid evaluate: no decoded cell (stats.json) in {missing[0]} and {len(missing) - 1} more; "
+                          "run `cascade-sd grid decode` for every cell of decode.groups first")
+    return [grid_evaluate_job(config, judge_path, reference, dirs, out_dir / f"{rel}.json") for rel, dirs in seed_dirs.items()]
 
 
 def _quality(judge_path: Path, reference: Path, seed_dirs: list[Path], n_boot: int, seed: int) -> dict[str, Any]:

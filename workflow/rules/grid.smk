@@ -1,5 +1,5 @@
 # The decode grid (DESIGN 9): every cell of `grid_rows` (vanilla, and per group strict plus each
-# rule at its defaults or over its sweep) for every seed, then per-cell evaluation, the drift
+# rule at its defaults or over its sweep) for every seed, then the evaluation of every cell, the drift
 # audit, figures, the results table and CASCADE's redundancy heat-maps.
 import pandas as pd
 from snakemake.utils import Paramspace
@@ -66,25 +66,31 @@ rule grid_reference:
 
 
 rule grid_evaluate:
-    """One cell over its seeds: judge accuracy, FID, KID (bootstrap CIs; built-in models), τ, speedup, drift."""
+    """Every cell over its seeds, in one process (start-up would dominate a job per cell): judge
+    accuracy, FID, KID (bootstrap CIs; built-in models), τ, speedup, drift."""
     input:
-        stats=expand(f"{DECODE}/stats.json", seed=SEEDS, allow_missing=True),
+        stats=expand(f"{R}/decode/{{cell}}/seed{{seed}}/stats.json", cell=GRID.instance_patterns, seed=SEEDS),
         **QUALITY,
     output:
-        f"{R}/eval/grid/{GRID.wildcard_pattern}.json",
+        expand(f"{R}/eval/grid/{{cell}}.json", cell=GRID.instance_patterns),
     params:
         cfg=CFG,
-        dirs=lambda wc, input: " ".join(f"'{Path(s).parent}'" for s in input.stats),
+        decode_dir=f"{R}/decode",
+        out_dir=f"{R}/eval/grid",
         quality=lambda wc, input: (
             f"--judge {input.judge} --reference {input.reference}" if BUILTIN else "--no-quality"
         ),
     threads: config["threads"]
     log:
-        f"{R}/logs/evaluate/{GRID.wildcard_pattern}.log",
+        f"{R}/logs/grid_evaluate.log",
+    benchmark:
+        f"{R}/benchmarks/grid_evaluate.tsv"
     conda:
         "../../environment.yml"
     shell:
-        "cascade-sd grid evaluate {params.dirs} -c {params.cfg} {params.quality} --out '{output}' > '{log}' 2>&1"
+        "cascade-sd grid evaluate -c {params.cfg} --decode-dir '{params.decode_dir}' {params.quality}"
+        " --out-dir '{params.out_dir}'"
+        " > {log} 2>&1"
 
 
 rule grid_audit:

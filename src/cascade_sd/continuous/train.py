@@ -84,7 +84,7 @@ def train_autoencoder(train_images: torch.Tensor, test_images: torch.Tensor, con
             optimizer.step()
             done += 1
             if on_log is not None and done % log_every == 0:
-                on_log(done, {"loss": float(loss), "seconds": time.perf_counter() - start})
+                on_log(done, {"loss": loss.item(), "seconds": time.perf_counter() - start})
         seconds = time.perf_counter() - start
         model.eval()
         with torch.no_grad():
@@ -153,7 +153,7 @@ def train_continuous(train_latents: torch.Tensor, train_labels: torch.Tensor, te
             if max_seconds is not None and done == 11:
                 horizon = min(steps, max(done, int(max_seconds / ((time.perf_counter() - start) / done))))
             if on_log is not None and done % log_every == 0:
-                on_log(done, {"loss": float(loss), "seconds": time.perf_counter() - start})
+                on_log(done, {"loss": loss.item(), "seconds": time.perf_counter() - start})
         seconds = time.perf_counter() - start
     model.eval()
     n_eval = min(test_latents.shape[0], 1000)
