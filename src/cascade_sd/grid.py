@@ -300,8 +300,8 @@ def grid_evaluate_all_job(config: dict[str, Any], judge_path: Path | None, refer
     """Evaluate every cell of the config's grid (``decode_dir/<cell>/seed<s>`` for each configured seed
     into ``out_dir/<cell>.json``) in one process: a job per cell would spend more on start-up than on
     the evaluation itself. A missing decode folder is an error before any cell is evaluated."""
-    cells = grid_rows(config)
-    seed_dirs = {cell_path(c): [decode_dir / cell_path(c) / f"seed{s}" for s in config["decode"]["seeds"]] for c in cells}
+    folders = [cell_path(c) for c in grid_rows(config)]
+    seed_dirs = {rel: [decode_dir / rel / f"seed{s}" for s in config["decode"]["seeds"]] for rel in folders}
     missing = [str(d) for dirs in seed_dirs.values() for d in dirs if not (d / "stats.json").is_file()]
     if missing:
         raise ConfigError(f"grid evaluate: no decoded cell (stats.json) in {missing[0]} and {len(missing) - 1} more; "

@@ -75,8 +75,9 @@ rule grid_evaluate:
         expand(f"{R}/eval/grid/{{cell}}.json", cell=GRID.instance_patterns),
     params:
         cfg=CFG,
-        decode_dir=f"{R}/decode",
-        out_dir=f"{R}/eval/grid",
+        # Cell folders are four levels deep (tree~/drafter~/method~/setting~).
+        decode_dir=lambda wc, input: Path(input.stats[0]).parents[5],
+        out_dir=lambda wc, output: Path(output[0]).parents[3],
         quality=lambda wc, input: (
             f"--judge {input.judge} --reference {input.reference}" if BUILTIN else "--no-quality"
         ),
@@ -89,8 +90,7 @@ rule grid_evaluate:
         "../../environment.yml"
     shell:
         "cascade-sd grid evaluate -c {params.cfg} --decode-dir '{params.decode_dir}' {params.quality}"
-        " --out-dir '{params.out_dir}'"
-        " > {log} 2>&1"
+        " --out-dir '{params.out_dir}' > {log} 2>&1"
 
 
 rule grid_audit:
