@@ -122,6 +122,9 @@ def test_cached_step_matches_forward(target, arch, per_row):
     before = k[:, :, :2].clone()
     d.copy_cache(torch.tensor([[0, 1], [0, 1]]), torch.tensor([[6, 7], [6, 7]]))
     assert torch.equal(k[:, :, 6:8], before)
+    rows = k.clone(), d.layer.attention.v_cache.clone()
+    d.select_rows(torch.tensor([1]))  # image 0 finished: row 1 moves to the front
+    assert torch.equal(d.layer.attention.k_cache[0], rows[0][1]) and torch.equal(d.layer.attention.v_cache[0], rows[1][1])
 
 
 @pytest.mark.parametrize("arch", ["eagle", "eagle3"])

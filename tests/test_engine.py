@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from cascade_sd.acceptance import get_rule
-from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.engine import SpeculativeEngine, _top_k
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import causal_mask, vanilla_decode, with_null_condition
@@ -121,15 +121,18 @@ def test_degenerate_logits_give_deterministic_outcomes():
 
 @torch.no_grad()
 @pytest.mark.parametrize("tree", list(TREES))
-def test_target_cache_equals_fresh_forward_after_rounds(tree):
+@pytest.mark.parametrize("label", [0, 1])
+def test_target_cache_equals_fresh_forward_after_rounds(tree, label):
     """After decoding, the compacted KV cache holds exactly what a fresh forward over the
-    accepted sequence computes (checked through the logits of a further step)."""
+    accepted sequence computes (checked through the logits of a further step). One image per
+    decode: its cache rows stay in place until it is complete."""
     target = toy_target("toy:vocab=9,len=16,seed=4,layers=2,dim=32,heads=4")
     drafter = OracleDrafter(toy_target("toy:vocab=9,len=16,seed=9,layers=2,dim=32,heads=4"))
     params = SamplingParams(cfg_scale=2.0)
-    labels = torch.tensor([1, 0, 1])
+    labels = torch.tensor([label])
     res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(
         labels, torch.Generator().manual_seed(3))
+    assert res.stats["batched_rounds"] > 3
     n, cls = target.config.block_size, target.config.cls_token_num
     # Slots cls .. cls+n-2 hold tokens 0..n-2 for both streams; compare with a fresh forward.
     cond = with_null_condition(target, labels, params)
@@ -144,6 +147,39 @@ def test_target_cache_equals_fresh_forward_after_rounds(tree):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+def test_finished_images_leave_the_batch_with_their_cache_rows_moved(tree):
+    """Rows leave the batch as their images complete: each compaction keeps the live rows' k/v
+    (both CFG streams, target and drafter) and the batch decodes the same greedy images as one
+    image at a time."""
+    target = toy_target("toy:vocab=13,len=20,seed=5,layers=2,dim=32,heads=4")
+    drafter = OracleDrafter(toy_target("toy:vocab=13,len=20,seed=6,layers=2,dim=32,heads=4"))
+    params = SamplingParams(temperature=0.0, cfg_scale=3.0)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    shrinks = {"target": [], "drafter": []}
+
+    def checked(name, model):
+        real = model.select_rows
+
+        def select_rows(rows):
+            before = model._kv[:, :, rows].clone()
+            real(rows)
+            assert torch.equal(model._kv[:, :, : rows.numel()], before)
+            shrinks[name].append(rows.numel())
+        return select_rows
+
+    target.select_rows, drafter.model.select_rows = checked("target", target), checked("drafter", drafter.model)
+    res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(labels)
+    del target.select_rows, drafter.model.select_rows
+    steps = shrinks["target"]
+    assert len(steps) >= 2 and steps[-1] == 0 and steps == sorted(steps, reverse=True) and shrinks["drafter"] == steps
+    assert res.stats["mean_rows_per_round"] < len(labels) and res.stats["padding_fraction"] == 0
+    one_by_one = [SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(label[None]).tokens
+                  for label in labels]
+    assert torch.equal(res.tokens, torch.cat(one_by_one))
+
+
+@torch.no_grad()
 def test_statistics_are_consistent():
     target, drafter = bundle(seed=11, vocab=5, length=12)
     res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES["tree-25"], SamplingParams()).decode(
@@ -155,4 +191,13 @@ def test_statistics_are_consistent():
     assert sum((a + 1) * c for a, c in enumerate(hist)) == 4 * (12 - 1)
     assert s["mean_accepted_length"] == pytest.approx(4 * 11 / s["rounds"])
     assert s["target_forwards"] == s["batched_rounds"] + 1
-    assert 0 <= s["padding_fraction"] < 1 and 0 <= s["engine_overhead_fraction"] <= 1
+    assert s["padding_fraction"] == 0 and 0 <= s["engine_overhead_fraction"] <= 1
+    assert 1 <= s["mean_rows_per_round"] <= 4 and s["full_batch_round_model_seconds"] > 0
+
+
+def test_dynamic_tree_top_k_breaks_ties_by_index():
+    """Tokens of equal draft mass (e.g. zero after top-k filtering) are taken in index order, so a
+    seed gives the same dynamic tree whatever the thread count."""
+    x = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]] * 3, dtype=torch.float64)
+    vals, idx = _top_k(x, 4)
+    assert idx.tolist() == [[1, 3, 0, 2]] * 3 and vals.tolist() == [[0.5, 0.5, 0.0, 0.0]] * 3

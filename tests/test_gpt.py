@@ -352,3 +352,18 @@ def test_train_target_stops_at_max_seconds_and_rejects_bad_input():
         train_target(codes + 17, labels, codes, labels, cfg, steps=1, max_seconds=None, **kwargs)
     with pytest.raises(ConfigError, match="steps=0"):
         train_target(codes, labels, codes, labels, cfg, steps=0, max_seconds=None, **kwargs)
+
+
+def test_select_rows_keeps_live_rows_and_their_condition_mask():
+    """Rows leaving a decode batch: the kept rows' k/v (every layer) and caption padding move to the front."""
+    model = _random_model(_toy())
+    model.setup_cache(4, 6)
+    model._kv.copy_(torch.randn(model._kv.shape, generator=torch.Generator().manual_seed(0)))
+    valid = torch.tensor([[True], [False], [True], [False]])
+    model.set_condition_mask(valid)
+    before = model._kv.clone()
+    model.select_rows(torch.tensor([1, 3, 2]))
+    assert torch.equal(model._kv[:, :, :3], before[:, :, [1, 3, 2]])
+    assert torch.equal(model._cond_valid, valid[[1, 3, 2]])
+    model.select_rows(torch.tensor([0, 1]))  # rows already in place: nothing moves
+    assert torch.equal(model._kv[:, :, :2], before[:, :, [1, 3]])

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from cascade_sd.decoding.processing import (
+    NodeLaws,
     SamplingParams,
     apply_cfg,
     filter_logits,
     law_from_logits,
+    race_keys,
     sample_from_law,
     target_law,
 )
@@ -100,3 +102,31 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=rf"^{field}=") as err:
         SamplingParams(**kwargs)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(cfg_scale=2.5, top_k=5, top_p=0.7, temperature=1.3),
+                                    SamplingParams(), SamplingParams(temperature=0.0, cfg_scale=1.5)],
+                         ids=["cfg-filtered", "plain", "greedy-cfg"])
+def test_node_laws_equal_the_full_target_law_where_read(params):
+    """Lazily computed node laws are bit-for-bit the entries of the full target_law tensor."""
+    streams = 2 if params.uses_cfg else 1
+    logits = torch.randn(streams * 3, 7, 11, generator=torch.Generator().manual_seed(0))
+    full = target_law(logits, params, dtype=torch.float64)
+    laws = NodeLaws(logits, params)
+    assert tuple(laws.shape) == (3, 7, 11)
+    rows, nodes = torch.arange(3), torch.tensor([6, 0, 3])
+    assert torch.equal(laws[rows, nodes], full[rows, nodes])
+    assert torch.equal(laws[torch.tensor([2, 2]), torch.tensor([1, 5])], full[[2, 2], [1, 5]])
+
+
+def test_race_keys_draw_without_replacement_from_q():
+    """The top-2 of the race keys is an ordered draw without replacement: P(a, b) = q(a)·q(b)/(1 − q(a)).
+    200 000 seeded draws; every ordered pair within five binomial standard errors; q = 0 never drawn."""
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64)
+    n = 200_000
+    top = race_keys(q.expand(n, -1), torch.Generator().manual_seed(0)).topk(2, dim=-1)
+    assert bool((top.values > 0).all())
+    counts = torch.bincount(top.indices[:, 0] * 5 + top.indices[:, 1], minlength=25).double() / n
+    exact = (q[:, None] * q[None, :] / (1 - q[:, None])).fill_diagonal_(0.0).flatten()
+    se = (exact * (1 - exact) / n).sqrt()
+    assert bool(((counts - exact).abs() <= 5 * se + 1e-12).all()), (counts - exact).abs().max()

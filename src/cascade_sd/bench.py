@@ -1,10 +1,13 @@
 """Benchmark: vanilla and speculative variants in one process, warm, medians (DESIGN 7, 11).
 
-Speedup = vanilla time / method time measured here, at the same batch size. The cost model
+Speedup = median vanilla time / median method time at the same batch size, over runs that
+alternate vanilla and the method (so a drifting machine slows both alike). The cost model
 predicts the speedup from τ and the measured per-round model costs:
 ``predicted = τ · t_vanilla_step / (t_draft_round + t_verify_round)``, where t_vanilla_step is
-vanilla's time per token step at that batch size; achieved / predicted shows what the engine
-loses outside model forwards (and, for batches, to padding).
+vanilla's time per token step at that batch size and the round's draft and verify costs are its
+model time in rounds that computed the whole batch. achieved / predicted shows what the engine
+loses outside model forwards and, for batches, what the batch loses as its rows finish at
+different rounds (the last rounds run smaller, less efficient forwards).
 """
 
 from __future__ import annotations
@@ -27,17 +30,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_runs(fn, repeats: int, device: torch.device) -> tuple[float, Any]:
-    """Median wall time of ``repeats`` runs after one warm-up run; returns (median, last result)."""
-    fn()
-    times, result = [], None
+def _timed(fn, device: torch.device) -> tuple[float, Any]:
+    """Synchronised wall time of one call and its result."""
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def _timed_pairs(baseline, method, repeats: int, device: torch.device) -> tuple[list[float], list[float], list[Any]]:
+    """Wall times of ``repeats`` alternating baseline/method runs after one warm-up of each, so slow
+    drifts of the machine hit both alike; returns (baseline times, method times, method results)."""
+    baseline()
+    method()
+    base_times, method_times, results = [], [], []
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        base_times.append(_timed(baseline, device)[0])
+        seconds, result = _timed(method, device)
+        method_times.append(seconds)
+        results.append(result)
+    return base_times, method_times, results
 
 
 def time_images(bundle: api.Bundle, method: str, opts: dict[str, Any], images: int, *, seed: int,
@@ -81,40 +94,47 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
         labels = torch.arange(batch) % classes
-        t_van, van = _timed_runs(lambda: api.decode(bundle, labels, method="vanilla", seed=seed, **sampling), repeats, device)
-        step = t_van / n_tokens
-        rows.append({"batch": batch, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
-                     "seconds": t_van, "tokens_per_second": batch * n_tokens / t_van, "speedup": 1.0})
+        vanilla = lambda: api.decode(bundle, labels, method="vanilla", seed=seed, **sampling)
+        batch_rows, all_vanilla = [], []
         for name in drafters:
             for tree in trees:
                 run = lambda: api.decode(bundle, labels, method=method, tree=tree, drafter=name, seed=seed, profile=True,
                                          **sampling, **(tree_options or {}), **(rule_params or {}))
-                t_sd, res = _timed_runs(run, repeats, device)
-                s = res.stats
-                per_round = (s["target_seconds"] + s["drafter_seconds"]) / max(s["batched_rounds"], 1)
-                predicted = s["mean_accepted_length"] * step / per_round
+                van_times, sd_times, results = _timed_pairs(vanilla, run, repeats, device)
+                all_vanilla += van_times
+                t_van, t_sd = statistics.median(van_times), statistics.median(sd_times)
+                s = results[-1].stats  # the same seed: every run decodes the same tokens
+                timing = {k: statistics.median(r.stats[k] for r in results)
+                          for k in ("engine_overhead_fraction", "full_batch_round_model_seconds")}
+                predicted = s["mean_accepted_length"] * (t_van / n_tokens) / timing["full_batch_round_model_seconds"]
                 achieved = t_van / t_sd
-                rows.append({
+                batch_rows.append({
                     "batch": batch, "method": method, "drafter": name, "tree": tree, "tau": s["mean_accepted_length"],
                     "seconds": t_sd, "tokens_per_second": batch * n_tokens / t_sd, "speedup": achieved,
                     "predicted_speedup": predicted, "achieved_over_predicted": achieved / predicted,
-                    "engine_overhead_fraction": s["engine_overhead_fraction"], "padding_fraction": s["padding_fraction"],
+                    "engine_overhead_fraction": timing["engine_overhead_fraction"], "padding_fraction": s["padding_fraction"],
+                    "mean_rows_per_round": s["mean_rows_per_round"],
                     "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
                     "accept_histogram": s["accept_histogram"],
                 })
+        t_van = statistics.median(all_vanilla) if all_vanilla else _timed(vanilla, device)[0]
+        rows.append({"batch": batch, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
+                     "seconds": t_van, "tokens_per_second": batch * n_tokens / t_van, "speedup": 1.0})
+        rows += batch_rows
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of benchmark rows."""
-    head = "| batch | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred | overhead | padding |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| batch | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred | overhead "
+            "| rows/round | padding |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} | {r['tokens_per_second']:.0f} "
             f"| {r['speedup']:.2f} | {r.get('predicted_speedup', float('nan')):.2f} "
             f"| {r.get('achieved_over_predicted', float('nan')):.2f} | {r.get('engine_overhead_fraction', 0):.1%} "
-            f"| {r.get('padding_fraction', 0):.1%} |"
+            f"| {r.get('mean_rows_per_round', r['batch']):.1f} | {r.get('padding_fraction', 0):.1%} |"
         )
     return "\n".join(lines)
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, gather, normalise, remove_token
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, normalise, remove_token
 
 
 def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
     """p_j(x) for point masses, min(1, p_j(x)/q_j(x)) for sampled candidates (0 where q_j(x) = 0)."""
-    px = gather(state.p, x)
+    idx = x.unsqueeze(-1)
+    px = state.p.gather(-1, idx)
     if state.q is None:
-        return px
-    qx = gather(state.q, x)
+        return px.squeeze(-1)
+    qx = state.q.gather(-1, idx)
     # A token the proposal cannot produce was never drawn; it is never accepted.
-    return torch.where(qx > 0, (px / qx.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(px))
+    return (px / qx.clamp_min(1e-300)).clamp_(max=1.0).mul_(qx > 0).squeeze(-1)
 
 
 def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:

@@ -126,8 +126,7 @@ def _vanilla_tokens(streams: _Streams, seq: torch.Tensor, start: int, stop: int,
         noise = _noise(streams.model, (b, 1), generator)
         seq[:, i] = streams.law(z, noise).sample(noise[-1])[:, 0]
         if stats is not None:
-            stats.forwards["target"] += 1
-            stats.model_seconds["target"] += time.perf_counter() - t0
+            stats.add_model("target", time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -180,6 +179,7 @@ def cspd_decode(target: ContinuousAR, draft: ContinuousAR, labels: torch.Tensor,
     while bool((length < n).any()):
         _sync(device)
         round_start = time.perf_counter()
+        stats.begin_round()
         active = length < n
         limit = torch.where(active, (n - length).clamp(max=gamma), torch.zeros_like(length))
         # 1. Draft γ tokens into the scratch tail of ``seq``; the first call (re)reads input length-1,
@@ -195,15 +195,13 @@ def cspd_decode(target: ContinuousAR, draft: ContinuousAR, labels: torch.Tensor,
             seq[rows, length + j] = q.sample(noise[-1, :, j : j + 1])[:, 0]
             pos = (length + j + 1)[:, None]
         _sync(device)
-        stats.forwards["drafter"] += gamma
-        stats.model_seconds["drafter"] += time.perf_counter() - t0
+        stats.add_model("drafter", time.perf_counter() - t0, forwards=gamma)
         drafts = seq[rows[:, None], length[:, None] + steps[:gamma]]
         # 2. One target forward over inputs length..length+γ, its head on the drafts' noise.
         t0 = time.perf_counter()
         p = t_streams.law(t_streams.forward(seq, length[:, None] + steps), noise)
         _sync(device)
-        stats.forwards["target"] += 1
-        stats.model_seconds["target"] += time.perf_counter() - t0
+        stats.add_model("target", time.perf_counter() - t0)
         # 3. Accept/resample; a bonus token from the target where every considered draft was kept.
         out = verify_drafts(drafts, GaussianLaw(p.mean[:, :gamma], p.std[:, :gamma]), GaussianLaw(q_mean, q_std),
                             limit, generator, ratio_temperature=ratio_temperature, max_tries=max_tries)
@@ -214,7 +212,7 @@ def cspd_decode(target: ContinuousAR, draft: ContinuousAR, labels: torch.Tensor,
         write = active & (last < n)
         seq[rows[write], last[write]] = torch.where(out.rejected[:, None], out.correction, bonus)[write]
         commit = k + write.long()
-        stats.record_round(k[active], time.perf_counter() - round_start, active_rows=int(active.sum()), batch=b)
+        stats.record_round(k[active], time.perf_counter() - round_start, computed_rows=b)
         drafts_seen += int((k + out.rejected.long())[active].sum())
         drafts_kept += int(k[active].sum())
         tries.append(out.tries[out.rejected & active].cpu().numpy())

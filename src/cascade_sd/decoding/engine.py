@@ -8,10 +8,13 @@ target). The target sees the root and all T drafted nodes in one forward; accept
 KV entries are compacted into place (no recompute) and the bonus token becomes the next root.
 
 Batching: every row keeps its own committed length m and its own slots (per-row positions,
-slots and masks); rows that finish early ride along as padding until the batch is done — that
-cost is reported as ``padding_fraction``. The drafter's entries for committed tokens are
-always computed from real target features in the next round's catch-up forward, so its cache
-needs no compaction. With CFG both streams ride in one batch ([cond rows; uncond rows]).
+slots and masks). A row whose image is complete leaves the batch at the end of its round: both
+caches move the remaining rows to the front (``select_rows``, copying only rows that change
+place), so no forward computes a finished row. What the batch still loses when its rows finish
+at different rounds (smaller, less efficient forwards near the end) shows in the benchmark's
+achieved/predicted speedup. The drafter's entries for committed tokens are always computed from
+real target features in the next round's catch-up forward, so its cache needs no compaction.
+With CFG both streams ride in one batch ([cond rows; uncond rows]).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from functools import partial
 import torch
 
 from cascade_sd.acceptance.base import AcceptanceRule, TreeView
-from cascade_sd.decoding.processing import SamplingParams, sample_from_law, split_cfg, target_law
+from cascade_sd.decoding.processing import (
+    NodeLaws,
+    SamplingParams,
+    race_keys,
+    sample_from_law,
+    split_cfg,
+    target_law,
+)
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, with_null_condition
 from cascade_sd.decoding.verify import walk_tree
@@ -43,14 +53,16 @@ class _Round:
 @dataclass(frozen=True)
 class _Level:
     """One level of a static tree, precomputed once per decode: its nodes, their parents, the
-    distinct parents (``uniq``), each node's parent among them (``where``) and sibling rank."""
+    distinct parents (``uniq``), the largest sibling count (``kmax``) and, for each node, its entry
+    (parent among ``uniq``, sibling rank) in the level's flattened top-``kmax`` draws (``pick``)."""
 
     nodes: torch.Tensor
     parent: torch.Tensor
     uniq: torch.Tensor
-    where: torch.Tensor
-    rank: torch.Tensor
     kmax: int
+    pick: torch.Tensor
+    slots: torch.Tensor  # the nodes' drafter scratch slots [L], the same in every row
+    scratch: torch.Tensor  # [L, drafter slots]: the scratch slots of each node's drafted ancestors-or-self
 
 
 class SpeculativeEngine:
@@ -95,8 +107,7 @@ class SpeculativeEngine:
         out = fn(*args, **kwargs)
         if self.profile:
             self._sync()
-        self.stats.model_seconds[key] += time.perf_counter() - start
-        self.stats.forwards[key] += 1
+        self.stats.add_model(key, time.perf_counter() - start)
         return out
 
     def _law(self, logits: torch.Tensor) -> torch.Tensor:
@@ -107,16 +118,6 @@ class SpeculativeEngine:
     def _drafter_step(self, h, tokens, positions, slots, mask):
         return self._timed("drafter", self.drafter.step, h, self._rep(tokens), positions=self._rep(positions),
                            slots=self._rep(slots), attn_mask=self._rep(mask))
-
-    def _tree_drafter_mask(self, m: torch.Tensor, anc: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """Drafter mask for drafted ``nodes``: committed slots < m plus scratch slots of ancestors-or-self."""
-        b = m.shape[0]
-        s = self.drafter_slots
-        keys = torch.arange(s, device=self.device)
-        mask = (keys[None, None, :] < m[:, None, None]).expand(b, len(nodes), s).clone()
-        scratch = anc[:, nodes, 1:]  # [B, L, T]: ancestors among drafted nodes (root is committed)
-        mask[:, :, self.n_tokens : self.n_tokens + scratch.shape[-1]] = scratch
-        return mask
 
     def _draft_static(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor, gen, forced=None) -> DraftTree:
         tree: StaticTree = self.tree
@@ -130,38 +131,43 @@ class SpeculativeEngine:
         h[:, 0] = rnd.h_root
         valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
         parent, depth = self.static_parent, self.static_depth
-        anc = self.static_anc.expand(b, n1, n1)
+        # Per stream row: the committed slots every drafted node sees, and the root's position.
+        m_streams = self._rep(m)
+        committed = torch.arange(self.drafter_slots, device=self.device)[None] < m_streams[:, None]
+        positions = (self.cls + m_streams - 1)[:, None] + depth  # depth-based positions of every node
+        positions.clamp_(max=self.max_pos)
         logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
         if logits_all is not None:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
         for d, level in enumerate(self.static_levels, start=1):
-            nodes, par, uniq, where, rank = level.nodes, level.parent, level.uniq, level.where, level.rank
+            nodes, par, uniq = level.nodes, level.parent, level.uniq
             if forced is not None:  # analysis: the drafted tokens are given, not sampled
                 tokens[:, nodes] = forced[:, nodes].clamp_min(0)
                 valid[:, nodes] = valid[:, par] & (forced[:, nodes] >= 0)
             else:
-                # Children of one node: a without-replacement sample from q in rank order. Exponential
-                # race (Gumbel top-k in ratio form): the top-k of q(x)/E_x, E_x ~ Exp(1) i.i.d.
-                race = torch.empty(b, len(uniq), v, dtype=torch.float64, device=self.device).exponential_(generator=gen)
-                race.clamp_min_(1e-300)  # q = 0 must give key 0, never 0/0
-                keys = q[:, uniq] / race
+                # Children of one node: a without-replacement sample from q in rank order.
+                keys = race_keys(q[:, uniq], gen)
                 if level.kmax > v:  # more ranks than tokens: the surplus children can never be drawn
                     keys = torch.cat([keys, keys.new_zeros((*keys.shape[:-1], level.kmax - v))], -1)
                 top_keys, top_tok = keys.topk(level.kmax, dim=-1)
-                tokens[:, nodes] = top_tok[:, where, rank].clamp(max=v - 1)
-                valid[:, nodes] = valid[:, par] & (top_keys[:, where, rank] > 0)
+                drawn = top_tok.flatten(1)[:, level.pick]
+                tokens[:, nodes] = drawn.clamp_(max=v - 1) if level.kmax > v else drawn
+                if level.kmax > 1:  # a lone child always exists (q has mass); siblings may run out
+                    valid[:, nodes] = valid[:, par] & (top_keys.flatten(1)[:, level.pick] > 0)
+                elif d > 1:
+                    valid[:, nodes] = valid[:, par]
             if d < tree.depth:
-                pos = (self.cls + m - 1 + d)[:, None].expand(b, len(nodes)).clamp(max=self.max_pos)
-                slots = (self.n_tokens + nodes - 1)[None, :].expand(b, len(nodes))
-                logits, h_out = self._drafter_step(h[:, par], tokens[:, nodes], pos, slots,
-                                                   self._tree_drafter_mask(m, anc, nodes))
+                logits, h_out = self._timed("drafter", self.drafter.step, h[:, par], self._rep(tokens[:, nodes]),
+                                            positions=positions[:, nodes], slots=level.slots,
+                                            attn_mask=committed[:, None, :] | level.scratch)
                 q[:, nodes] = self._law(logits)
                 h[:, nodes] = h_out
                 if logits_all is not None:
                     logits_all[:, nodes] = split_cfg(logits, self.params)
-        children = self.static_children.expand(b, -1, -1).clone()
-        kid_ok = valid.gather(1, children.clamp_min(0).flatten(1)).view_as(children)
-        children = torch.where(kid_ok & (children >= 0), children, torch.full_like(children, -1))
+        children = self.static_children.expand(b, -1, -1)
+        if forced is not None or not self.chain:  # a chain's lone children always exist
+            kid_ok = valid.gather(1, children.clamp_min(0).flatten(1)).view_as(children)
+            children = torch.where(kid_ok & (children >= 0), children, -1)
         outputs = None
         if logits_all is not None:
             outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=(depth < tree.depth).expand(b, n1))
@@ -186,7 +192,7 @@ class SpeculativeEngine:
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
         anc[:, 0, 0] = True
         rows = torch.arange(b, device=dev)[:, None]
-        vals, idx = rnd.q_root.topk(k, dim=-1)
+        vals, idx = _top_k(rnd.q_root, k)
         tok[:, :k], score[:, :k] = idx, vals.log()
         first = torch.arange(k, device=dev)
         anc[:, first + 1, 0] = True
@@ -207,7 +213,7 @@ class SpeculativeEngine:
             expanded[rows, front] = True
             if ls is not None:
                 ls[rows, front] = split_cfg(logits, self.params)
-            cv, ci = qf.topk(k, dim=-1)
+            cv, ci = _top_k(qf, k)
             lo = k + (d - 1) * k * k
             new = torch.arange(lo, lo + k * k, device=dev)
             tok[:, new] = ci.flatten(1)
@@ -216,7 +222,7 @@ class SpeculativeEngine:
             layer[new] = d + 1
             anc[rows, new + 1] = anc[rows, par[:, new] + 1]
             anc[:, new + 1, new + 1] = True
-            front = new[score[:, new].topk(k, dim=-1).indices]
+            front = new[_top_k(score[:, new], k)[1]]
         # EAGLE-2 rerank: keep the total_tokens − 1 best by cumulative log q (stable: parents, stored
         # earlier with a score ≥ their children's, win ties, so the selection is ancestor-closed),
         # then lay them out in storage (= breadth-first) order.
@@ -247,14 +253,16 @@ class SpeculativeEngine:
         cfg = target.config
         self.cls, self.n_tokens = cfg.cls_token_num, cfg.block_size
         self.max_pos = cfg.cls_token_num + cfg.block_size - 1
+        # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
+        scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
+        self.drafter_slots = self.n_tokens + scratch + 1
         if isinstance(self.tree, StaticTree):
             self._prepare_static()
         streams = with_null_condition(target, cond.to(self.device), self.params)
         self.t_slots = self.cls + self.n_tokens + self.tree.size
+        # A chain's accepted path is nodes 1..a, already in consecutive slots: nothing to compact.
+        self.chain = isinstance(self.tree, StaticTree) and self.tree.size == self.tree.depth
         target.setup_cache(streams.shape[0], self.t_slots, device=self.device)
-        # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
-        scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
-        self.drafter_slots = self.n_tokens + scratch + 1
         drafter.setup_cache(streams.shape[0], self.drafter_slots, device=self.device)
         if hasattr(drafter, "begin"):
             drafter.begin(streams)
@@ -268,17 +276,17 @@ class SpeculativeEngine:
                            attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
                            return_layers=self.layers)
 
-    def _catch_up(self, feats: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, pend_len: torch.Tensor,
-                  active: torch.Tensor) -> _Round:
+    def _catch_up(self, feats: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, pend_len: torch.Tensor) -> _Round:
         """Drafter forward over the ``pend_len`` tokens committed last, from real target features."""
         n, dev = self.n_tokens, self.device
         trash = self.drafter_slots - 1
         width = feats.shape[1]
         j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
-        ok = (torch.arange(width, device=dev)[None] < pend_len[:, None]) & active[:, None]
-        slots = torch.where(ok, j, torch.full_like(j, trash))
+        ok = torch.arange(width, device=dev)[None] < pend_len[:, None]
+        slots = torch.where(ok, j, trash)
         keys = torch.arange(self.drafter_slots, device=dev)
-        mask = ((keys[None, None] <= j[..., None]) & ok[..., None]) | (~ok[..., None] & (keys == trash)[None, None])
+        # Committed tokens see every committed slot up to their own; padding sees only the trash slot.
+        mask = ((keys <= j[..., None]) & ok[..., None]) | (keys == slots[..., None])
         logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (self.cls + j).clamp(max=self.max_pos),
                                        slots, mask)
         rows_r = torch.arange(feats.shape[0], device=dev)
@@ -286,8 +294,9 @@ class SpeculativeEngine:
         root_logits = logits[rows_r, last]
         return _Round(q_root=self._law(root_logits), h_root=h[rows_r, last], logits_root=root_logits)
 
-    def _verify(self, tree: DraftTree, m: torch.Tensor):
-        """One target forward over root + drafted nodes (tree attention, depth-based positions)."""
+    def _verify(self, tree: DraftTree, m: torch.Tensor, *, lazy_laws: bool = True):
+        """One target forward over root + drafted nodes (tree attention, depth-based positions); the
+        target laws as a tensor, or as ``NodeLaws`` (computed where the walk reads) when ``lazy_laws``."""
         b, n1 = tree.tokens.shape
         dev = self.device
         base = self.cls + m - 1
@@ -299,7 +308,10 @@ class SpeculativeEngine:
         out = self._timed("target", self.target.step, self.target.embed_tokens(self._rep(tree.tokens)),
                           positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
                           return_hidden=True, return_layers=self.layers)
-        p = self._law(out.logits)
+        # The walk reads ≤ depth + 1 nodes per row: on trees wider than a chain, compute p only there.
+        # Context-aware rules read every node's law.
+        lazy = lazy_laws and not self.rule.needs_tree and not self.chain
+        p = NodeLaws(out.logits, self.params) if lazy else self._law(out.logits)
         view = prepared = None
         if self.rule.needs_tree:
             view = TreeView(tree=tree, p=p, target_logits=split_cfg(out.logits, self.params),
@@ -334,9 +346,9 @@ class SpeculativeEngine:
                                    return_hidden=True, return_layers=self.layers)
             feats = torch.cat([feats, self.drafter.target_features(out)], 1)
         m = torch.full((b,), m_len, dtype=torch.long, device=self.device)
-        rnd = self._catch_up(feats, prefix, m, m, torch.ones(b, dtype=torch.bool, device=self.device))
+        rnd = self._catch_up(feats, prefix, m, m)
         tree = self._draft(rnd, prefix[:, -1], m, generator, forced)
-        _, p, view, prepared = self._verify(tree, m)
+        _, p, view, prepared = self._verify(tree, m, lazy_laws=False)
         return tree, p, view, prepared
 
     # ------------------------------------------------------------------ decode
@@ -348,66 +360,79 @@ class SpeculativeEngine:
         streams = self._setup(cond)
         n, dev, b = self.n_tokens, self.device, cond.shape[0]
         out = self._prefill(streams)
-        tokens = torch.zeros(b, n, dtype=torch.long, device=dev)
+        result = torch.zeros(b, n, dtype=torch.long, device=dev)
+        # Rows of the images still decoding, with room for a round's writes past the grid.
+        tokens = torch.zeros(b, n + self.tree.depth + 1, dtype=torch.long, device=dev)
         tokens[:, 0] = sample_from_law(self._law(out.logits[:, -1]), generator)
         feats = self.drafter.target_features(out)[:, -1:]
         m = torch.ones(b, dtype=torch.long, device=dev)
         pend_len = torch.ones(b, dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)
-        while bool((m < n).any()):
+        images = torch.arange(b, device=dev)  # the image each row decodes
+        while images.numel():
             round_start = time.perf_counter()
-            active = m < n
+            self.stats.begin_round()
+            live = images.numel()
             # 1. Drafter catch-up; 2. draft tree; 3. one target forward over the tree.
-            rnd = self._catch_up(feats, tokens, m, pend_len, active)
-            tree = self._draft(rnd, tokens[rows, (m - 1).clamp(max=n - 1)], m, generator)
+            rnd = self._catch_up(feats, tokens, m, pend_len)
+            tree = self._draft(rnd, tokens[torch.arange(live, device=dev), m - 1], m, generator)
             out, p, view, prepared = self._verify(tree, m)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
-            visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m)
-            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=(n - 1 - m).clamp_min(0),
-                             view=view, prepared=prepared, visit=visit)
-            a = torch.where(active, walk.accepted, torch.zeros_like(walk.accepted))
+            visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images)
+            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=n - 1 - m, view=view,
+                             prepared=prepared, visit=visit)
+            a = walk.accepted
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
-            feats = self._commit(tokens, tree, walk, a, m, active, out)
-            self.stats.record_round(a[active], time.perf_counter() - round_start, active_rows=int(active.sum()), batch=b)
-            m = torch.where(active, m + a + 1, m)
-            pend_len = torch.where(active, a + 1, torch.zeros_like(a))
+            feats = self._commit(tokens, tree, walk, m, out)
+            m, pend_len = m + a + 1, a + 1
+            done = m >= n
+            if bool(done.any()):  # 6. finished images leave the batch
+                result[images[done]] = tokens[done, :n]
+                keep = (~done).nonzero().squeeze(-1)
+                images, tokens, m, pend_len = images[keep], tokens[keep], m[keep], pend_len[keep]
+                stream_rows = torch.cat([keep + i * live for i in range(self.reps)])
+                feats = feats[stream_rows]
+                self.target.select_rows(stream_rows)
+                self.drafter.select_rows(stream_rows)
+            self.stats.record_round(a, time.perf_counter() - round_start, computed_rows=live)
         seconds = time.perf_counter() - start
         stats = self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n)
         arrays = {}
         if self.drift is not None:
             stats |= self.drift.summary()
             arrays = {"drift": self.drift.drift, "drift_bound": self.drift.bound, "drift_exact": self.drift.exact}
-        return DecodeResult(tokens=tokens, stats=stats, arrays=arrays)
+        return DecodeResult(tokens=result, stats=stats, arrays=arrays)
 
-    def _commit(self, tokens, tree: DraftTree, walk, a: torch.Tensor, m: torch.Tensor, active: torch.Tensor, out):
+    def _commit(self, tokens, tree: DraftTree, walk, m: torch.Tensor, out):
         """Write accepted tokens + bonus into ``tokens`` (in place), move the accepted path's KV entries
         into consecutive slots (no recompute) and return the drafter's next input features."""
-        n, dev = self.n_tokens, self.device
-        base = self.cls + m - 1
-        depth_cap = walk.path.shape[1] - 1
-        steps = torch.arange(depth_cap + 1, device=dev)
-        path_tok = tree.tokens.gather(1, walk.path.clamp_min(0))
-        new_tok = torch.where(steps[None] == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))
-        write = (steps[None] <= a[:, None]) & active[:, None]
-        idx = (m[:, None] + steps[None]).clamp(max=n - 1)
-        r, c = write.nonzero(as_tuple=True)
-        tokens[r, idx[r, c]] = new_tok[r, c]
-        k_steps = steps[1:]
-        src = base[:, None] + walk.path[:, 1:].clamp_min(0)
-        dst = base[:, None] + k_steps[None]
-        moving = k_steps[None] <= a[:, None]
-        noop = torch.full_like(src, self.t_slots - 1)
-        self.target.copy_cache(self._rep(torch.where(moving, src, noop)), self._rep(torch.where(moving, dst, noop)))
+        dev, a = self.device, walk.accepted
         width = int(a.max()) + 1
+        steps = torch.arange(width, device=dev)
+        path = walk.path[:, :width].clamp_min(0)
+        path_tok = tree.tokens.gather(1, path)
+        new_tok = torch.where(steps == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))
+        # Positions m..m+a get the accepted tokens and the bonus; the writes past m+a land on
+        # positions the next round writes again (``tokens`` has room past the grid).
+        tokens.scatter_(1, m[:, None] + steps, new_tok)
+        # Accepted node k of the path sits at slot base + node; it belongs at base + k. Chains (and
+        # any path through nodes 1..a) are already in place.
+        k_steps = steps[1:]
+        moving = None if self.chain else (k_steps <= a[:, None]) & (path[:, 1:] != k_steps)
+        if moving is not None and bool(moving.any()):
+            base = (self.cls + m - 1)[:, None]
+            noop = torch.full_like(moving, self.t_slots - 1, dtype=torch.long)
+            self.target.copy_cache(self._rep(torch.where(moving, base + path[:, 1:], noop)),
+                                   self._rep(torch.where(moving, base + k_steps[None], noop)))
         feat_all = self.drafter.target_features(out)
-        pick = self._rep(walk.path[:, :width].clamp_min(0))
+        pick = self._rep(path)
         return feat_all.gather(1, pick[..., None].expand(-1, -1, feat_all.shape[-1]))
 
     def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
-                      m: torch.Tensor) -> None:
+                      m: torch.Tensor, images: torch.Tensor) -> None:
         """Drift of the verified nodes: the token a node at depth d emits lands at position m + d − 1."""
         every = torch.arange(p.shape[0], device=p.device)
-        self.drift.visit(rows, m + ctx.depth - 1, p[every, nodes], tree.q[every, nodes], tree.sampled, ctx)
+        self.drift.visit(rows, m + ctx.depth - 1, p[every, nodes], tree.q[every, nodes], tree.sampled, ctx,
+                         images=images)
 
     def _prepare_static(self) -> None:
         tree: StaticTree = self.tree
@@ -416,15 +441,28 @@ class SpeculativeEngine:
         self.static_depth = tree.node_depth.to(dev)
         self.static_children = tree.children.to(dev)
         rank = torch.tensor([0] + [p[-1] for p in tree.paths], device=dev)
+        one = DraftTree(tokens=torch.zeros(1, tree.size + 1, dtype=torch.long), parent=tree.parent[None],
+                        depth=tree.node_depth[None], children=tree.children[None], q=torch.zeros(1, 1, 1), sampled=True)
+        self.static_anc = one.ancestor_mask().to(dev)
         self.static_levels = []
         for d in range(1, tree.depth + 1):
             nodes = torch.nonzero(self.static_depth == d).squeeze(-1)
             uniq, where = torch.unique(self.static_parent[nodes], return_inverse=True)
-            self.static_levels.append(_Level(nodes=nodes, parent=self.static_parent[nodes], uniq=uniq, where=where,
-                                             rank=rank[nodes], kmax=int(rank[nodes].max()) + 1))
-        one = DraftTree(tokens=torch.zeros(1, tree.size + 1, dtype=torch.long), parent=tree.parent[None],
-                        depth=tree.node_depth[None], children=tree.children[None], q=torch.zeros(1, 1, 1), sampled=True)
-        self.static_anc = one.ancestor_mask().to(dev)
+            kmax = int(rank[nodes].max()) + 1
+            # Drafted node i (i ≥ 1) writes drafter scratch slot n_tokens + i − 1 (the root is committed).
+            scratch = torch.zeros(len(nodes), self.drafter_slots, dtype=torch.bool, device=dev)
+            scratch[:, self.n_tokens : self.n_tokens + tree.size] = self.static_anc[0, nodes, 1:]
+            self.static_levels.append(_Level(nodes=nodes, parent=self.static_parent[nodes], uniq=uniq, kmax=kmax,
+                                             pick=where * kmax + rank[nodes],
+                                             slots=self.n_tokens + nodes - 1, scratch=scratch))
+
+
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries along the last dim and their indices, ties broken by index: with
+    several threads ``torch.topk`` orders tied entries (e.g. tokens of zero mass) differently from
+    run to run, so the same seed would not give the same dynamic tree."""
+    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return vals[..., :k], idx[..., :k]
 
 
 def _children_from_parent(parent: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, TreeView
-from cascade_sd.decoding.processing import sample_from_law
+from cascade_sd.decoding.processing import NodeLaws, sample_from_law
 from cascade_sd.decoding.tree import DraftTree
 
 
@@ -45,7 +45,7 @@ def _draw(mask: torch.Tensor, law: torch.Tensor, out: torch.Tensor, generator: t
 def walk_tree(
     rule: AcceptanceRule,
     tree: DraftTree,
-    p: torch.Tensor,
+    p: torch.Tensor | NodeLaws,
     *,
     generator: torch.Generator | None = None,
     max_accept: torch.Tensor | None = None,
@@ -53,7 +53,8 @@ def walk_tree(
     prepared: Any = None,
     visit: Callable[[torch.Tensor, torch.Tensor, NodeContext], None] | None = None,
 ) -> WalkResult:
-    """Verify ``tree`` against target laws ``p`` [B, T+1, V] (float64); see module docstring.
+    """Verify ``tree`` against target laws ``p`` [B, T+1, V] (float64, or ``NodeLaws`` computing only the
+    nodes read); see module docstring.
 
     ``max_accept`` [B] caps the accepted depth per row (rows near the end of the grid).
     Context-aware rules get ``view`` (the round's representations) and their ``prepared``
@@ -69,57 +70,59 @@ def walk_tree(
     cur = torch.zeros(batch, dtype=torch.long, device=dev)
     active = torch.ones(batch, dtype=torch.bool, device=dev)
     accepted = torch.zeros(batch, dtype=torch.long, device=dev)
-    path = torch.full((batch, max_depth + 1), -1, dtype=torch.long, device=dev)
-    path[:, 0] = 0
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
+    n_kids = (tree.children >= 0).sum(-1)  # [B, T+1]
+    visited = [cur]  # the current node after each depth
     for depth in range(1, max_depth + 1):
         kids = tree.children[rows, cur]
         extras = rule.node_extras(prepared, view, cur, kids) if view is not None else {}
-        ctx = NodeContext(depth=depth, n_candidates=(kids >= 0).sum(-1), extras=extras)
+        ctx = NodeContext(depth=depth, n_candidates=n_kids[rows, cur], extras=extras)
         walking = active & (kids[:, 0] >= 0) & (accepted < limit)
+        state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
         # Rows at a leaf or at their limit emit the bonus token from the fresh node law.
         stop = active & ~walking
         if stop.any():
-            fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
-            bonus = _draw(stop, fresh, bonus, generator)
+            bonus = _draw(stop, rule.bonus_law(state, ctx), bonus, generator)
             active &= ~stop
         if not walking.any():
             break
         if visit is not None:
             visit(walking.nonzero().squeeze(-1), cur, ctx)
-        state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
-        took = torch.zeros(batch, dtype=torch.bool, device=dev)
-        pending = walking.clone()
-        rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+        pending = walking  # rows still trying this node's children
+        # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
+        rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if width > 1 else None
         for k in range(width):
             node = kids[:, k]
             x = tree.tokens[rows, node.clamp_min(0)]
-            # DESIGN 4.1: a sibling equal to a rejected one is skipped.
-            valid = pending & (node >= 0) & ~rejected[rows, x]
-            if not valid.any():
-                continue
+            valid = pending  # every walking row has a first child
+            if k > 0:
+                valid = pending & (node >= 0) & ~rejected[rows, x]
+                if not valid.any():
+                    continue
             a = rule.accept_prob(state, x, ctx)
             coin = torch.rand(batch, generator=generator, dtype=a.dtype, device=dev)
             acc = valid & (coin < a)
+            cur = torch.where(acc, node, cur)
+            pending = pending & ~acc
             rej = valid & ~acc
-            if acc.any():
-                cur = torch.where(acc, node, cur)
-                took |= acc
-                pending &= ~acc
             if rej.any():  # only rejected rows need the rule's next residual
                 state = _where_state(rej, rule.reject(state, x, ctx), state)
-                rejected[rows, x] |= rej
-            if not pending.any():
+                if rejected is not None:
+                    rejected[rows, x] |= rej
+            if k + 1 < width and not pending.any():
                 break
-        fail = walking & ~took
-        if fail.any():
-            bonus = _draw(fail, rule.bonus_law(state, ctx), bonus, generator)
-            active &= ~fail
-        accepted += took.long()
-        path[:, depth] = torch.where(took, cur, path[:, depth])
+        # Rows still pending rejected every valid child: they emit the bonus from the last residual.
+        if pending.any():
+            bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
+            active &= ~pending
+        accepted += walking & ~pending
+        visited.append(cur)
     if active.any():
         ctx = NodeContext(depth=max_depth + 1)
         fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
+    visited += [cur] * (max_depth + 1 - len(visited))
+    steps = torch.arange(max_depth + 1, device=dev)
+    path = torch.stack(visited, 1).masked_fill_(steps[None] > accepted[:, None], -1)
     return WalkResult(path=path, accepted=accepted, bonus=bonus, last_node=cur)

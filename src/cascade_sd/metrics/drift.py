@@ -103,10 +103,12 @@ class DriftRecorder:
         self.exact = np.ones((self.batch, self.n_tokens), dtype=bool)
 
     def visit(self, rows: torch.Tensor, positions: torch.Tensor, p: torch.Tensor, q: torch.Tensor, sampled: bool,
-              ctx: NodeContext) -> None:
-        """Record nodes of ``rows`` (indices) that verify candidates; their tokens land at ``positions``."""
+              ctx: NodeContext, *, images: torch.Tensor | None = None) -> None:
+        """Record nodes of ``rows`` (indices) that verify candidates; their tokens land at ``positions``.
+        ``images`` [B] names the image of each row when the batch no longer holds every image in order."""
         for r in rows.tolist():
-            if r >= self.batch:
+            image = r if images is None else int(images[r])
+            if image >= self.batch:
                 continue
             n = int(ctx.n_candidates[r]) if torch.is_tensor(ctx.n_candidates) else int(ctx.n_candidates)
             pr, qr = p[r].double().cpu(), q[r].double().cpu()
@@ -114,10 +116,10 @@ class DriftRecorder:
             law, exact = node_law(self.rule, pr, qr, n_candidates=n, sampled=sampled, ctx=one,
                                   mc_draws=self.mc_draws, generator=self.generator)
             pos = int(positions[r])
-            self.drift[r, pos] = float(tv_distance(law, pr))
-            self.exact[r, pos] = exact
+            self.drift[image, pos] = float(tv_distance(law, pr))
+            self.exact[image, pos] = exact
             if self.rule.declares_bound:
-                self.bound[r, pos] = float(self.rule.tv_bound(pr[None], qr[None], one, sampled=sampled)[0])
+                self.bound[image, pos] = float(self.rule.tv_bound(pr[None], qr[None], one, sampled=sampled)[0])
 
     def summary(self) -> dict[str, float]:
         """Mean per-node drift over emitted tokens, mean declared bound, share of exact nodes."""

@@ -31,27 +31,52 @@ def accept_histogram(accepted: np.ndarray, max_len: int | None = None) -> list[i
 
 @dataclass
 class RoundStats:
-    """Accumulates per-round counts and timings during one decode call."""
+    """Accumulates per-round counts and timings during one decode call.
+
+    Model time is added with ``add_model``; the part added between ``begin_round`` and
+    ``record_round`` is that round's model time, so forwards outside rounds (the prefill) count
+    in the totals but never in the engine-overhead share of round time.
+    """
 
     accepted: list[np.ndarray] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
-    active_rows: int = 0
-    row_slots: int = 0
+    round_model_seconds: list[float] = field(default_factory=list)
+    computed_rows: list[int] = field(default_factory=list)
+    live_rows: int = 0
     forwards: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     model_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _in_round: float = 0.0
 
-    def record_round(self, accepted: torch.Tensor, seconds: float, *, active_rows: int, batch: int) -> None:
-        """Add one batched round: accepted counts of its active rows and its wall time."""
+    def add_model(self, key: str, seconds: float, forwards: int = 1) -> None:
+        """Count ``forwards`` forwards of model ``key`` ("target" or "drafter") that took ``seconds``."""
+        self.forwards[key] += forwards
+        self.model_seconds[key] += seconds
+        self._in_round += seconds
+
+    def begin_round(self) -> None:
+        """Start a round: model time added from here on is the round's."""
+        self._in_round = 0.0
+
+    def record_round(self, accepted: torch.Tensor, seconds: float, *, computed_rows: int) -> None:
+        """Close a batched round: accepted counts of its live rows, its wall time and the rows its
+        forwards computed (live rows plus any finished rows riding along as padding)."""
         self.accepted.append(accepted.detach().cpu().numpy())
         self.round_seconds.append(seconds)
-        self.active_rows += active_rows
-        self.row_slots += batch
+        self.round_model_seconds.append(self._in_round)
+        self.computed_rows.append(computed_rows)
+        self.live_rows += int(accepted.numel())
 
     def summary(self, *, seconds: float, batch: int, tokens_per_image: int) -> dict[str, Any]:
-        """The statistics dict every decode result carries."""
+        """The statistics dict every decode result carries.
+
+        ``full_batch_round_model_seconds``: mean model time of a round that computed all ``batch``
+        rows, the per-round draft + verify cost of the speedup cost model (DESIGN 7).
+        """
         acc = np.concatenate(self.accepted) if self.accepted else np.zeros(0, dtype=np.int64)
         round_total = float(sum(self.round_seconds))
-        model_in_rounds = float(sum(self.model_seconds.values()))
+        model_in_rounds = float(sum(self.round_model_seconds))
+        full = [m for m, rows in zip(self.round_model_seconds, self.computed_rows) if rows == batch]
+        computed = sum(self.computed_rows)
         return {
             "mean_accepted_length": mean_accepted_length(acc),
             "accept_histogram": accept_histogram(acc),
@@ -65,5 +90,7 @@ class RoundStats:
             "seconds_per_image": seconds / batch,
             "tokens_per_second": batch * tokens_per_image / seconds,
             "engine_overhead_fraction": max(0.0, 1.0 - model_in_rounds / round_total) if round_total > 0 else 0.0,
-            "padding_fraction": 1.0 - self.active_rows / self.row_slots if self.row_slots else 0.0,
+            "padding_fraction": 1.0 - self.live_rows / computed if computed else 0.0,
+            "mean_rows_per_round": computed / len(self.computed_rows) if self.computed_rows else 0.0,
+            "full_batch_round_model_seconds": float(np.mean(full)) if full else float("nan"),
         }

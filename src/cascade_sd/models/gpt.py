@@ -284,6 +284,14 @@ def copy_slots(kv: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tenso
     kv[:, :, rows, :, dst_slots] = kv[:, :, rows, :, src_slots]
 
 
+def keep_rows(cache: torch.Tensor, rows: torch.Tensor, dim: int) -> None:
+    """Make the entries of ``cache`` at ``rows`` (in this order) along its batch dim ``dim`` its leading
+    rows, in place; only rows that change place are copied (rows leaving a decode batch)."""
+    moved = (rows != torch.arange(rows.numel(), device=rows.device)).nonzero().squeeze(-1)
+    if moved.numel():
+        cache.index_copy_(dim, moved, cache.index_select(dim, rows[moved]))
+
+
 def hide_condition_padding(mask: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, batch: int) -> torch.Tensor:
     """``mask`` [B|1, T, S] with padded condition slots (``valid`` [B, cls] False) hidden from every
     query but their own slot: LlamaGen's t2i masking (llamagen.md: masked columns, diagonal kept)."""
@@ -678,6 +686,14 @@ class GPT(nn.Module):
         """
         self._require_cache(src_slots.shape[0])
         copy_slots(self._kv, src_slots, dst_slots)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` (and their condition padding), in this order, as rows 0..len−1:
+        the engine drops images that finished decoding from the batch."""
+        self._require_cache(rows.numel())
+        keep_rows(self._kv, rows, dim=2)
+        if self._cond_valid is not None:
+            self._cond_valid = self._cond_valid[rows]
 
 
 def save_gpt(path: str | os.PathLike, model: GPT, extra: Mapping[str, Any] | None = None) -> str:

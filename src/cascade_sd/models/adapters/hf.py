@@ -31,6 +31,7 @@ from cascade_sd.models.gpt import (
     check_step_inputs,
     copy_slots,
     hide_condition_padding,
+    keep_rows,
     require_cache,
     write_slots,
 )
@@ -158,6 +159,14 @@ class HFImageTarget(nn.Module):
         """For each row b, copy every layer's k/v from ``src_slots[b]`` to ``dst_slots[b]`` (both [B, K])."""
         require_cache(self.cache_shape, src_slots.shape[0], "HFImageTarget")
         copy_slots(self._cache.kv, src_slots, dst_slots)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` (and their prompt padding), in this order, as rows 0..len−1:
+        the engine drops images that finished decoding from the batch."""
+        require_cache(self.cache_shape, rows.numel(), "HFImageTarget")
+        keep_rows(self._cache.kv, rows, dim=2)
+        if self._cond_valid is not None:
+            self._cond_valid = self._cond_valid[rows]
 
     # ---- forward passes
     def _run(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache | None,

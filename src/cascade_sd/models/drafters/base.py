@@ -25,6 +25,7 @@ from cascade_sd.models.gpt import (
     GPTOutput,
     TransformerBlock,
     check_step_inputs,
+    keep_rows,
     precompute_rope_2d,
     require_cache,
 )
@@ -311,3 +312,10 @@ class Drafter(nn.Module, ABC):
         attn = self.layer.attention
         for cache in (attn.k_cache, attn.v_cache):
             cache[rows, :, dst_slots] = cache[rows, :, src_slots]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows``, in this order, as rows 0..len−1 (images leaving a decode batch)."""
+        self._require_cache(rows.numel())
+        attn = self.layer.attention
+        for cache in (attn.k_cache, attn.v_cache):
+            keep_rows(cache, rows, dim=0)

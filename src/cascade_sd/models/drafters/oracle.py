@@ -41,6 +41,10 @@ class OracleDrafter(nn.Module):
         mask = (torch.arange(s, device=pos.device)[None, :] <= pos[:, None]).unsqueeze(0)
         self.model.step(self.model.embed_cond(cond_streams), positions=pos, slots=pos, attn_mask=mask, return_hidden=False)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows``, in this order, as rows 0..len−1 (images leaving a decode batch)."""
+        self.model.select_rows(rows)
+
     def step(self, h: torch.Tensor, tokens: torch.Tensor, *, positions, slots, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Target logits for ``tokens`` at the caller's slots (shifted past the condition)."""
         b, t = tokens.shape
