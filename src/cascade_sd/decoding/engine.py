@@ -192,7 +192,7 @@ class SpeculativeEngine:
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
         anc[:, 0, 0] = True
         rows = torch.arange(b, device=dev)[:, None]
-        vals, idx = _top_k(rnd.q_root, k)
+        vals, idx = rnd.q_root.topk(k, dim=-1)
         tok[:, :k], score[:, :k] = idx, vals.log()
         first = torch.arange(k, device=dev)
         anc[:, first + 1, 0] = True
@@ -209,11 +209,13 @@ class SpeculativeEngine:
             mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[rows, front + 1, 1:]
             logits, h_out = self._drafter_step(h_in, tok.gather(1, front), pos, self.n_tokens + front, mask)
             qf = self._law(logits)
-            qs[rows, front], hs[self._rep(rows), self._rep(front)] = qf, h_out
+            qs[rows, front] = qf
+            # Each stream row (cond rows, then uncond rows) keeps its own drafter features.
+            hs.scatter_(1, self._rep(front)[..., None].expand(-1, -1, hs.shape[-1]), h_out)
             expanded[rows, front] = True
             if ls is not None:
                 ls[rows, front] = split_cfg(logits, self.params)
-            cv, ci = _top_k(qf, k)
+            cv, ci = qf.topk(k, dim=-1)
             lo = k + (d - 1) * k * k
             new = torch.arange(lo, lo + k * k, device=dev)
             tok[:, new] = ci.flatten(1)
@@ -222,7 +224,7 @@ class SpeculativeEngine:
             layer[new] = d + 1
             anc[rows, new + 1] = anc[rows, par[:, new] + 1]
             anc[:, new + 1, new + 1] = True
-            front = new[_top_k(score[:, new], k)[1]]
+            front = new[score[:, new].topk(k, dim=-1).indices]
         # EAGLE-2 rerank: keep the total_tokens − 1 best by cumulative log q (stable: parents, stored
         # earlier with a score ≥ their children's, win ties, so the selection is ancestor-closed),
         # then lay them out in storage (= breadth-first) order.
@@ -455,14 +457,6 @@ class SpeculativeEngine:
             self.static_levels.append(_Level(nodes=nodes, parent=self.static_parent[nodes], uniq=uniq, kmax=kmax,
                                              pick=where * kmax + rank[nodes],
                                              slots=self.n_tokens + nodes - 1, scratch=scratch))
-
-
-def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries along the last dim and their indices, ties broken by index: with
-    several threads ``torch.topk`` orders tied entries (e.g. tokens of zero mass) differently from
-    run to run, so the same seed would not give the same dynamic tree."""
-    vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    return vals[..., :k], idx[..., :k]
 
 
 def _children_from_parent(parent: torch.Tensor, width: int) -> torch.Tensor:

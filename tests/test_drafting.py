@@ -1,0 +1,55 @@
+"""Draft trees carry the drafter's own laws: the q the engine stores at every expanded node equals
+an uncached drafter pass along that node's path (both CFG streams, EAGLE and EAGLE-3 features),
+for static and dynamic trees."""
+
+import pytest
+import torch
+
+from cascade_sd import api
+from cascade_sd.acceptance import get_rule
+from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.processing import SamplingParams, target_law
+from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
+from cascade_sd.decoding.vanilla import with_null_condition
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TREES = {"tree-25": StaticTree.preset("tree-25"), "dynamic": DynamicTreeSpec(top_k=2, depth=4, total_tokens=12)}
+
+
+def reference_law(bundle, arch: str, cond: torch.Tensor, prefix: torch.Tensor, path: list[int],
+                  params: SamplingParams) -> torch.Tensor:
+    """The drafter's law after the committed ``prefix`` and the drafted ``path`` tokens, from uncached
+    passes: (H_j, t_j) pairs for committed tokens, then the drafter's own features (DESIGN 2)."""
+    target, drafter = bundle.target, bundle.drafters[arch]
+    streams = with_null_condition(target, cond, params)
+    reps = streams.shape[0] // cond.shape[0]
+    out = target(streams, torch.cat([prefix[:, :-1]] * reps), return_hidden=True, return_layers=True)
+    h, tokens = drafter.target_features(out), torch.cat([prefix] * reps)
+    for token in path:
+        _, h_out = drafter(h, tokens)
+        h = torch.cat([h, h_out[:, -1:]], 1)
+        tokens = torch.cat([tokens, torch.full((tokens.shape[0], 1), token)], 1)
+    logits, _ = drafter(h, tokens)
+    return target_law(logits[:, -1], params, dtype=torch.float64)[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("arch", ["eagle", "eagle3"])
+def test_stored_draft_laws_equal_uncached_drafter_passes(tree, arch):
+    bundle = api.load_bundle("toy:vocab=9,len=12,seed=2")
+    params = SamplingParams(cfg_scale=2.5)
+    engine = SpeculativeEngine(bundle.target, bundle.drafters[arch], get_rule("strict"), TREES[tree], params)
+    cond, prefix = torch.tensor([1]), torch.tensor([[3, 1, 4, 1]])
+    draft, _, _, _ = engine.round_at(cond, prefix, generator=torch.Generator().manual_seed(0))
+    parent, tokens = draft.parent[0].tolist(), draft.tokens[0].tolist()
+    expanded = [n for n in range(len(tokens)) if float(draft.q[0, n].sum()) > 0.5]  # nodes the drafter ran at
+    assert max(int(draft.depth[0, n]) for n in expanded) >= 2  # deeper steps feed the drafter's own features
+    for node in expanded:
+        path, at = [], node
+        while at > 0:
+            path.insert(0, tokens[at])
+            at = parent[at]
+        want = reference_law(bundle, arch, cond, prefix, path, params)
+        torch.testing.assert_close(draft.q[0, node], want, atol=1e-5, rtol=0, msg=f"node {node} (path {path})")
