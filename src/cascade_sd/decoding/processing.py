@@ -117,8 +117,8 @@ class NodeLaws:
     """
 
     def __init__(self, logits: torch.Tensor, params: SamplingParams, dtype: torch.dtype = torch.float64) -> None:
-        self.reps = 2 if params.uses_cfg else 1
-        self.streams = logits.view(self.reps, logits.shape[0] // self.reps, *logits.shape[1:])
+        reps = 2 if params.uses_cfg else 1  # [cond; uncond] stream blocks
+        self.streams = logits.view(reps, logits.shape[0] // reps, *logits.shape[1:])
         self.params, self.dtype = params, dtype
         self.shape = self.streams.shape[1:]
         self.device = logits.device
