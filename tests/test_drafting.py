@@ -53,3 +53,19 @@ def test_stored_draft_laws_equal_uncached_drafter_passes(tree, arch):
             at = parent[at]
         want = reference_law(bundle, arch, cond, prefix, path, params)
         torch.testing.assert_close(draft.q[0, node], want, atol=1e-5, rtol=0, msg=f"node {node} (path {path})")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+def test_ancestor_mask_built_while_drafting_equals_the_one_from_parents(tree):
+    bundle = api.load_bundle("toy:vocab=9,len=12,seed=2")
+    engine = SpeculativeEngine(bundle.target, bundle.drafters["eagle"], get_rule("strict"), TREES[tree],
+                               SamplingParams(cfg_scale=2.5))
+    cond, prefix = torch.tensor([1, 2, 0]), torch.tensor([[3, 1, 4, 1], [2, 7, 1, 8], [5, 0, 5, 0]])
+    draft, _, _, _ = engine.round_at(cond, prefix, generator=torch.Generator().manual_seed(0))
+    carried = draft.ancestor_mask()
+    assert carried is draft.ancestors
+    draft.ancestors = None
+    assert torch.equal(carried, draft.ancestor_mask())
+    if tree == "dynamic":  # the rows grew different trees, so the mask is really per row
+        assert not torch.equal(draft.parent[0], draft.parent[1]) or not torch.equal(draft.parent[1], draft.parent[2])

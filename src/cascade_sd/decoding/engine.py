@@ -35,7 +35,7 @@ from cascade_sd.decoding.processing import (
     target_law,
 )
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
-from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, with_null_condition
+from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, inference_decode, with_null_condition
 from cascade_sd.decoding.verify import walk_tree
 from cascade_sd.metrics.drift import DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
@@ -54,13 +54,14 @@ class _Round:
 class _Level:
     """One level of a static tree, precomputed once per decode: its nodes, their parents, the
     distinct parents (``uniq``), the largest sibling count (``kmax``) and, for each node, its entry
-    (parent among ``uniq``, sibling rank) in the level's flattened top-``kmax`` draws (``pick``)."""
+    (parent among ``uniq``, sibling rank) in the level's flattened top-``kmax`` draws (``pick``).
+    Consecutive indices are kept as slices: indexing with them is a view, not a gather."""
 
-    nodes: torch.Tensor
-    parent: torch.Tensor
-    uniq: torch.Tensor
+    nodes: slice  # breadth-first order: a level's nodes are consecutive
+    parent: torch.Tensor | slice
+    uniq: torch.Tensor | slice
     kmax: int
-    pick: torch.Tensor
+    pick: torch.Tensor | slice
     slots: torch.Tensor  # the nodes' drafter scratch slots [L], the same in every row
     scratch: torch.Tensor  # [L, drafter slots]: the scratch slots of each node's drafted ancestors-or-self
 
@@ -172,7 +173,7 @@ class SpeculativeEngine:
         if logits_all is not None:
             outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=(depth < tree.depth).expand(b, n1))
         return DraftTree(tokens=tokens, parent=parent.expand(b, n1), depth=depth.expand(b, n1), children=children,
-                         q=q, sampled=True, drafter=outputs)
+                         q=q, sampled=True, drafter=outputs, ancestors=self.static_anc.expand(b, n1, n1))
 
     def _draft_dynamic(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor) -> DraftTree:
         """EAGLE-2: expand the top_k frontier by q's top_k each, keep every candidate, rerank at the end."""
@@ -245,8 +246,11 @@ class SpeculativeEngine:
                 logits=torch.cat([split_cfg(rnd.logits_root, self.params)[:, None], ls.gather(1, keep[..., None].expand(-1, -1, v))], 1),
                 hidden=torch.cat([rnd.h_root[:b, None], hidden], 1),
                 ran=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), expanded.gather(1, keep)], 1))
+        # The kept nodes' rows and columns of the drafting ancestor mask (row/col 0 = root).
+        pick = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), keep + 1], 1)
+        ancestors = anc.gather(1, pick[..., None].expand(-1, -1, cap + 1)).gather(2, pick[:, None].expand(-1, spec.size + 1, -1))
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
-                         q=q, sampled=False, drafter=outputs)
+                         q=q, sampled=False, drafter=outputs, ancestors=ancestors)
 
     # ------------------------------------------------------------------ round phases
     def _setup(self, cond: torch.Tensor) -> torch.Tensor:
@@ -305,8 +309,7 @@ class SpeculativeEngine:
         t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
         t_slot = base[:, None] + torch.arange(n1, device=dev)
         t_mask = torch.arange(self.t_slots, device=dev)[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
-        anc = self.static_anc.expand(b, n1, n1) if isinstance(self.tree, StaticTree) else tree.ancestor_mask()
-        t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), anc)
+        t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
         out = self._timed("target", self.target.step, self.target.embed_tokens(self._rep(tree.tokens)),
                           positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
                           return_hidden=True, return_layers=self.layers)
@@ -354,7 +357,7 @@ class SpeculativeEngine:
         return tree, p, view, prepared
 
     # ------------------------------------------------------------------ decode
-    @torch.no_grad()
+    @inference_decode
     def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> DecodeResult:
         """Generate the full token grid for each condition in ``cond`` ([B] labels)."""
         self.stats = RoundStats()
@@ -449,14 +452,21 @@ class SpeculativeEngine:
         self.static_levels = []
         for d in range(1, tree.depth + 1):
             nodes = torch.nonzero(self.static_depth == d).squeeze(-1)
-            uniq, where = torch.unique(self.static_parent[nodes], return_inverse=True)
+            parent = self.static_parent[nodes]
+            uniq, where = torch.unique(parent, return_inverse=True)
             kmax = int(rank[nodes].max()) + 1
             # Drafted node i (i ≥ 1) writes drafter scratch slot n_tokens + i − 1 (the root is committed).
             scratch = torch.zeros(len(nodes), self.drafter_slots, dtype=torch.bool, device=dev)
             scratch[:, self.n_tokens : self.n_tokens + tree.size] = self.static_anc[0, nodes, 1:]
-            self.static_levels.append(_Level(nodes=nodes, parent=self.static_parent[nodes], uniq=uniq, kmax=kmax,
-                                             pick=where * kmax + rank[nodes],
+            self.static_levels.append(_Level(nodes=_as_slice(nodes), parent=_as_slice(parent), uniq=_as_slice(uniq),
+                                             kmax=kmax, pick=_as_slice(where * kmax + rank[nodes]),
                                              slots=self.n_tokens + nodes - 1, scratch=scratch))
+
+
+def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:
+    """``index`` as a slice when it is a run of consecutive integers, else unchanged."""
+    lo = int(index[0])
+    return slice(lo, lo + len(index)) if torch.equal(index.cpu(), torch.arange(lo, lo + len(index))) else index
 
 
 def _children_from_parent(parent: torch.Tensor, width: int) -> torch.Tensor:

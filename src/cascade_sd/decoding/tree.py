@@ -163,6 +163,7 @@ class DraftTree:
     q: torch.Tensor
     sampled: bool
     drafter: DrafterOutputs | None = None
+    ancestors: torch.Tensor | None = None  # the ancestor mask, when drafting already built it
 
     @property
     def size(self) -> int:
@@ -171,6 +172,8 @@ class DraftTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """Bool [B, T+1, T+1]: node i may attend to node j iff j is i or an ancestor of i."""
+        if self.ancestors is not None:
+            return self.ancestors
         batch, n = self.parent.shape
         mask = torch.eye(n, dtype=torch.bool, device=self.parent.device).expand(batch, n, n).clone()
         # Parents precede children (BFS order), so one pass in node order closes the relation.

