@@ -186,10 +186,14 @@ class SpeculativeEngine:
         par = torch.full((b, cap), -1, dtype=torch.long, device=dev)  # storage index of the parent, −1 = root
         score = torch.full((b, cap), float("-inf"), dtype=torch.float64, device=dev)
         layer = torch.zeros(cap, dtype=torch.long, device=dev)
-        qs = torch.zeros(b, cap, v, dtype=torch.float64, device=dev)
-        ls = torch.zeros(b, cap, v, dtype=rnd.logits_root.dtype, device=dev) if self.rule.needs_tree else None
-        expanded = torch.zeros(b, cap, dtype=torch.bool, device=dev)
-        hs = torch.zeros(rnd.h_root.shape[0], cap, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=dev)
+        # The drafter's outputs are kept per expansion: slot 0 = root, then top_k slots per expanded
+        # depth, and a last ``spare`` slot of zeros for candidates never expanded.
+        spare = 1 + (dmax - 1) * k
+        slot = torch.full((b, cap + 1), spare, dtype=torch.long, device=dev)  # by storage index + 1 (0 = root)
+        slot[:, 0] = 0
+        qs = _outputs(rnd.q_root, spare)
+        hs = _outputs(rnd.h_root, spare)
+        ls = _outputs(split_cfg(rnd.logits_root, self.params), spare) if self.rule.needs_tree else None
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
         anc[:, 0, 0] = True
         rows = torch.arange(b, device=dev)[:, None]
@@ -202,20 +206,19 @@ class SpeculativeEngine:
         front = first.expand(b, k)  # storage indices of the frontier, per row
         keys = torch.arange(self.drafter_slots, device=dev)
         for d in range(1, dmax):
-            ph = self._rep(par.gather(1, front))
-            gathered = torch.gather(hs, 1, ph.clamp_min(0)[..., None].expand(-1, -1, hs.shape[-1]))
-            h_in = torch.where((ph >= 0)[..., None], gathered, rnd.h_root[:, None].expand_as(gathered))
+            parent_slot = self._rep(slot.gather(1, par.gather(1, front) + 1))
+            h_in = hs.gather(1, parent_slot[..., None].expand(-1, -1, hs.shape[-1]))
             pos = (self.cls + m - 1 + d)[:, None].expand(b, k).clamp(max=self.max_pos)
             mask = (keys[None, None, :] < m[:, None, None]).expand(b, k, self.drafter_slots).clone()
             mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[rows, front + 1, 1:]
             logits, h_out = self._drafter_step(h_in, tok.gather(1, front), pos, self.n_tokens + front, mask)
             qf = self._law(logits)
-            qs[rows, front] = qf
-            # Each stream row (cond rows, then uncond rows) keeps its own drafter features.
-            hs.scatter_(1, self._rep(front)[..., None].expand(-1, -1, hs.shape[-1]), h_out)
-            expanded[rows, front] = True
+            at = slice(1 + (d - 1) * k, 1 + d * k)
+            slot.scatter_(1, front + 1, torch.arange(at.start, at.stop, device=dev).expand(b, k))
+            qs[:, at] = qf
+            hs[:, at] = h_out  # each stream row (cond rows, then uncond rows) keeps its own features
             if ls is not None:
-                ls[rows, front] = split_cfg(logits, self.params)
+                ls[:, at] = split_cfg(logits, self.params)
             cv, ci = qf.topk(k, dim=-1)
             lo = k + (d - 1) * k * k
             new = torch.arange(lo, lo + k * k, device=dev)
@@ -238,16 +241,15 @@ class SpeculativeEngine:
                             torch.where(kept_par >= 0, new_index.gather(1, kept_par.clamp_min(0)), torch.zeros_like(kept_par))], 1)
         tokens = torch.cat([root_tok[:, None], tok.gather(1, keep)], 1)
         depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), layer[keep]], 1)
-        q = torch.cat([rnd.q_root[:, None], qs.gather(1, keep[..., None].expand(-1, -1, v))], 1)
+        pick = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), keep + 1], 1)  # root, then kept
+        kept_slot = slot.gather(1, pick)[..., None]
+        q = qs.gather(1, kept_slot.expand(-1, -1, v))
         outputs = None
         if ls is not None:
-            hidden = hs[:b].gather(1, keep[..., None].expand(-1, -1, hs.shape[-1]))
-            outputs = DrafterOutputs(
-                logits=torch.cat([split_cfg(rnd.logits_root, self.params)[:, None], ls.gather(1, keep[..., None].expand(-1, -1, v))], 1),
-                hidden=torch.cat([rnd.h_root[:b, None], hidden], 1),
-                ran=torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), expanded.gather(1, keep)], 1))
+            outputs = DrafterOutputs(logits=ls.gather(1, kept_slot.expand(-1, -1, v)),
+                                     hidden=hs[:b].gather(1, kept_slot.expand(-1, -1, hs.shape[-1])),
+                                     ran=kept_slot[..., 0] < spare)
         # The kept nodes' rows and columns of the drafting ancestor mask (row/col 0 = root).
-        pick = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), keep + 1], 1)
         ancestors = anc.gather(1, pick[..., None].expand(-1, -1, cap + 1)).gather(2, pick[:, None].expand(-1, spec.size + 1, -1))
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
                          q=q, sampled=False, drafter=outputs, ancestors=ancestors)
@@ -461,6 +463,14 @@ class SpeculativeEngine:
             self.static_levels.append(_Level(nodes=_as_slice(nodes), parent=_as_slice(parent), uniq=_as_slice(uniq),
                                              kmax=kmax, pick=_as_slice(where * kmax + rank[nodes]),
                                              slots=self.n_tokens + nodes - 1, scratch=scratch))
+
+
+def _outputs(root: torch.Tensor, spare: int) -> torch.Tensor:
+    """[rows, spare + 1, ...] storage for a dynamic tree's drafter outputs: the root's in slot 0,
+    zeros in slot ``spare``, the expansion slots in between written as the tree grows."""
+    out = root.new_empty(root.shape[0], spare + 1, *root.shape[1:])
+    out[:, 0], out[:, spare] = root, 0
+    return out
 
 
 def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:

@@ -36,6 +36,8 @@ def _where_state(cond: torch.Tensor, a: NodeState, b: NodeState) -> NodeState:
 
 def _draw(mask: torch.Tensor, law: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Sample from ``law`` only for rows in ``mask``, writing into a copy of ``out``."""
+    if bool(mask.all()):  # the same draws as below, without the row selection
+        return sample_from_law(law, generator)
     idx = mask.nonzero().squeeze(-1)
     out = out.clone()
     out[idx] = sample_from_law(law[idx], generator)
@@ -107,7 +109,8 @@ def walk_tree(
             pending = pending & ~acc
             rej = valid & ~acc
             if rej.any():  # only rejected rows need the rule's next residual
-                state = _where_state(rej, rule.reject(state, x, ctx), state)
+                after = rule.reject(state, x, ctx)
+                state = after if bool(rej.all()) else _where_state(rej, after, state)
                 if rejected is not None:
                     rejected[rows, x] |= rej
             if k + 1 < width and not pending.any():
