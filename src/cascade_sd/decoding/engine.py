@@ -145,6 +145,10 @@ class SpeculativeEngine:
             if forced is not None:  # analysis: the drafted tokens are given, not sampled
                 tokens[:, nodes] = forced[:, nodes].clamp_min(0)
                 valid[:, nodes] = valid[:, par] & (forced[:, nodes] >= 0)
+            elif level.kmax == 1:  # lone children: a without-replacement sample of one is a draw from q
+                tokens[:, nodes] = sample_from_law(q[:, uniq], gen)[:, level.pick]
+                if d > 1:
+                    valid[:, nodes] = valid[:, par]
             else:
                 # Children of one node: a without-replacement sample from q in rank order.
                 keys = race_keys(q[:, uniq], gen)
@@ -153,10 +157,8 @@ class SpeculativeEngine:
                 top_keys, top_tok = keys.topk(level.kmax, dim=-1)
                 drawn = top_tok.flatten(1)[:, level.pick]
                 tokens[:, nodes] = drawn.clamp_(max=v - 1) if level.kmax > v else drawn
-                if level.kmax > 1:  # a lone child always exists (q has mass); siblings may run out
-                    valid[:, nodes] = valid[:, par] & (top_keys.flatten(1)[:, level.pick] > 0)
-                elif d > 1:
-                    valid[:, nodes] = valid[:, par]
+                # A rank-0 child always exists (q has mass); later siblings may run out.
+                valid[:, nodes] = valid[:, par] & (top_keys.flatten(1)[:, level.pick] > 0)
             if d < tree.depth:
                 logits, h_out = self._timed("drafter", self.drafter.step, h[:, par], self._rep(tokens[:, nodes]),
                                             positions=positions[:, nodes], slots=level.slots,
