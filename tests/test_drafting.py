@@ -69,3 +69,25 @@ def test_ancestor_mask_built_while_drafting_equals_the_one_from_parents(tree):
     assert torch.equal(carried, draft.ancestor_mask())
     if tree == "dynamic":  # the rows grew different trees, so the mask is really per row
         assert not torch.equal(draft.parent[0], draft.parent[1]) or not torch.equal(draft.parent[1], draft.parent[2])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", ["chain-4", "tree-57", "dynamic"])
+def test_drafted_siblings_are_distinct_as_the_tree_declares(tree):
+    """The walk skips its repeated-sibling bookkeeping on drafted trees; that is sound only if no two
+    valid siblings of a drafted tree share a token (small vocabulary: tree-57 wants up to 10 ranks of 9)."""
+    bundle = api.load_bundle("toy:vocab=9,len=12,seed=2")
+    shape = DynamicTreeSpec(top_k=3, depth=3, total_tokens=10) if tree == "dynamic" else StaticTree.preset(tree)
+    engine = SpeculativeEngine(bundle.target, bundle.drafters["eagle"], get_rule("strict"), shape, SamplingParams())
+    checked = 0
+    for seed in range(5):
+        draft, _, _, _ = engine.round_at(torch.tensor([1, 2, 0, 1]), torch.tensor([[3, 1, 4, 1]] * 4),
+                                         generator=torch.Generator().manual_seed(seed))
+        assert draft.distinct_siblings
+        kids = draft.children
+        tokens = draft.tokens.gather(1, kids.clamp_min(0).flatten(1)).view_as(kids)
+        for row, node in zip(*torch.nonzero((kids >= 0).sum(-1) > 1, as_tuple=True)):
+            valid = tokens[row, node][kids[row, node] >= 0]
+            assert valid.unique().numel() == valid.numel(), (row, node, valid)
+            checked += 1
+    assert checked >= 20 if tree != "chain-4" else checked == 0

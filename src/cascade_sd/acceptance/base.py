@@ -133,8 +133,7 @@ def normalise(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     Such rows are reached with probability ~0, so the fallback never changes an induced law.
     """
     total = mass.sum(-1, keepdim=True)
-    empty = total <= MASS_EPS
-    return torch.where(empty, fallback, mass / torch.where(empty, torch.ones_like(total), total))
+    return torch.where(total <= MASS_EPS, fallback, mass / total)  # empty rows' quotients are discarded
 
 
 def remove_token(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,8 @@ class SpeculativeEngine:
         if logits_all is not None:
             outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=(depth < tree.depth).expand(b, n1))
         return DraftTree(tokens=tokens, parent=parent.expand(b, n1), depth=depth.expand(b, n1), children=children,
-                         q=q, sampled=True, drafter=outputs, ancestors=self.static_anc.expand(b, n1, n1))
+                         q=q, sampled=True, drafter=outputs, ancestors=self.static_anc.expand(b, n1, n1),
+                         distinct_siblings=forced is None)
 
     def _draft_dynamic(self, rnd: _Round, root_tok: torch.Tensor, m: torch.Tensor) -> DraftTree:
         """EAGLE-2: expand the top_k frontier by q's top_k each, keep every candidate, rerank at the end."""
@@ -254,7 +255,7 @@ class SpeculativeEngine:
         # The kept nodes' rows and columns of the drafting ancestor mask (row/col 0 = root).
         ancestors = anc.gather(1, pick[..., None].expand(-1, -1, cap + 1)).gather(2, pick[:, None].expand(-1, spec.size + 1, -1))
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
-                         q=q, sampled=False, drafter=outputs, ancestors=ancestors)
+                         q=q, sampled=False, drafter=outputs, ancestors=ancestors, distinct_siblings=True)
 
     # ------------------------------------------------------------------ round phases
     def _setup(self, cond: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,7 @@ class DraftTree:
     sampled: bool
     drafter: DrafterOutputs | None = None
     ancestors: torch.Tensor | None = None  # the ancestor mask, when drafting already built it
+    distinct_siblings: bool = False  # siblings never share a token (drawn without replacement, or q's top-k)
 
     @property
     def size(self) -> int:

@@ -93,13 +93,16 @@ def walk_tree(
             visit(walking.nonzero().squeeze(-1), cur, ctx)
         pending = walking  # rows still trying this node's children
         # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
-        rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if width > 1 else None
+        track = width > 1 and not tree.distinct_siblings
+        rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if track else None
         for k in range(width):
             node = kids[:, k]
             x = tree.tokens[rows, node.clamp_min(0)]
             valid = pending  # every walking row has a first child
             if k > 0:
-                valid = pending & (node >= 0) & ~rejected[rows, x]
+                valid = pending & (node >= 0)
+                if rejected is not None:
+                    valid &= ~rejected[rows, x]
                 if not valid.any():
                     continue
             a = rule.accept_prob(state, x, ctx)
@@ -108,9 +111,10 @@ def walk_tree(
             cur = torch.where(acc, node, cur)
             pending = pending & ~acc
             rej = valid & ~acc
-            if rej.any():  # only rejected rows need the rule's next residual
+            n_rej = int(rej.sum())
+            if n_rej:  # only rejected rows need the rule's next residual
                 after = rule.reject(state, x, ctx)
-                state = after if bool(rej.all()) else _where_state(rej, after, state)
+                state = after if n_rej == batch else _where_state(rej, after, state)
                 if rejected is not None:
                     rejected[rows, x] |= rej
             if k + 1 < width and not pending.any():
