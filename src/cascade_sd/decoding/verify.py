@@ -78,49 +78,53 @@ def walk_tree(
     visited = [cur]  # the current node after each depth
     for depth in range(1, max_depth + 1):
         kids = tree.children[rows, cur]
+        kid_ok, kid_tok = kids >= 0, tree.tokens.gather(1, kids.clamp_min(0))  # [B, K]
         extras = rule.node_extras(prepared, view, cur, kids) if view is not None else {}
         ctx = NodeContext(depth=depth, n_candidates=n_kids[rows, cur], extras=extras)
-        walking = active & (kids[:, 0] >= 0) & (accepted < limit)
+        walking = active & kid_ok[:, 0] & (accepted < limit)
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
         # Rows at a leaf or at their limit emit the bonus token from the fresh node law.
         stop = active & ~walking
         if stop.any():
             bonus = _draw(stop, rule.bonus_law(state, ctx), bonus, generator)
             active &= ~stop
-        if not walking.any():
+        n_pending = int(walking.sum())  # rows still trying this node's children
+        if not n_pending:
             break
         if visit is not None:
             visit(walking.nonzero().squeeze(-1), cur, ctx)
-        pending = walking  # rows still trying this node's children
+        pending = walking
         # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
         track = width > 1 and not tree.distinct_siblings
         rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if track else None
         for k in range(width):
-            node = kids[:, k]
-            x = tree.tokens[rows, node.clamp_min(0)]
-            valid = pending  # every walking row has a first child
+            node, x = kids[:, k], kid_tok[:, k]
+            valid, n_valid = pending, n_pending  # every walking row has a first child
             if k > 0:
-                valid = pending & (node >= 0)
+                valid = pending & kid_ok[:, k]
                 if rejected is not None:
                     valid &= ~rejected[rows, x]
-                if not valid.any():
+                n_valid = int(valid.sum())
+                if not n_valid:
                     continue
             a = rule.accept_prob(state, x, ctx)
             coin = torch.rand(batch, generator=generator, dtype=a.dtype, device=dev)
             acc = valid & (coin < a)
             cur = torch.where(acc, node, cur)
-            pending = pending & ~acc
-            rej = valid & ~acc
+            missed = ~acc
+            pending = pending & missed
+            rej = valid & missed
             n_rej = int(rej.sum())
+            n_pending -= n_valid - n_rej
             if n_rej:  # only rejected rows need the rule's next residual
                 after = rule.reject(state, x, ctx)
                 state = after if n_rej == batch else _where_state(rej, after, state)
                 if rejected is not None:
                     rejected[rows, x] |= rej
-            if k + 1 < width and not pending.any():
+            if not n_pending:
                 break
         # Rows still pending rejected every valid child: they emit the bonus from the last residual.
-        if pending.any():
+        if n_pending:
             bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
             active &= ~pending
         accepted += walking & ~pending
