@@ -116,6 +116,10 @@ class SpeculativeEngine:
         return target_law(logits, self.params, dtype=torch.float64)
 
     # ------------------------------------------------------------------ drafting
+    def _drafter_committed(self, m: torch.Tensor) -> torch.Tensor:
+        """Bool [rows, drafter slots]: the committed slots (< m) every drafted node of a row sees."""
+        return self.drafter_keys[None] < m[:, None]
+
     def _drafter_step(self, h, tokens, positions, slots, mask):
         return self._timed("drafter", self.drafter.step, h, self._rep(tokens), positions=self._rep(positions),
                            slots=self._rep(slots), attn_mask=self._rep(mask))
@@ -134,7 +138,7 @@ class SpeculativeEngine:
         parent, depth = self.static_parent, self.static_depth
         # Per stream row: the committed slots every drafted node sees, and the root's position.
         m_streams = self._rep(m)
-        committed = torch.arange(self.drafter_slots, device=self.device)[None] < m_streams[:, None]
+        committed = self._drafter_committed(m_streams)
         positions = (self.cls + m_streams - 1)[:, None] + depth  # depth-based positions of every node
         positions.clamp_(max=self.max_pos)
         logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
@@ -207,12 +211,12 @@ class SpeculativeEngine:
         anc[:, first + 1, first + 1] = True
         layer[:k] = 1
         front = first.expand(b, k)  # storage indices of the frontier, per row
-        keys = torch.arange(self.drafter_slots, device=dev)
+        committed = self._drafter_committed(m)
         for d in range(1, dmax):
             parent_slot = self._rep(slot.gather(1, par.gather(1, front) + 1))
             h_in = hs.gather(1, parent_slot[..., None].expand(-1, -1, hs.shape[-1]))
             pos = (self.cls + m - 1 + d)[:, None].expand(b, k).clamp(max=self.max_pos)
-            mask = (keys[None, None, :] < m[:, None, None]).expand(b, k, self.drafter_slots).clone()
+            mask = committed[:, None].expand(b, k, self.drafter_slots).clone()
             mask[:, :, self.n_tokens : self.n_tokens + cap] = anc[rows, front + 1, 1:]
             logits, h_out = self._drafter_step(h_in, tok.gather(1, front), pos, self.n_tokens + front, mask)
             qf = self._law(logits)
@@ -267,10 +271,12 @@ class SpeculativeEngine:
         # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
         scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
         self.drafter_slots = self.n_tokens + scratch + 1
+        self.drafter_keys = torch.arange(self.drafter_slots, device=self.device)
         if isinstance(self.tree, StaticTree):
             self._prepare_static()
         streams = with_null_condition(target, cond.to(self.device), self.params)
         self.t_slots = self.cls + self.n_tokens + self.tree.size
+        self.t_keys = torch.arange(self.t_slots, device=self.device)
         # A chain's accepted path is nodes 1..a, already in consecutive slots: nothing to compact.
         self.chain = isinstance(self.tree, StaticTree) and self.tree.size == self.tree.depth
         target.setup_cache(streams.shape[0], self.t_slots, device=self.device)
@@ -295,7 +301,7 @@ class SpeculativeEngine:
         j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
         ok = torch.arange(width, device=dev)[None] < pend_len[:, None]
         slots = torch.where(ok, j, trash)
-        keys = torch.arange(self.drafter_slots, device=dev)
+        keys = self.drafter_keys
         # Committed tokens see every committed slot up to their own; padding sees only the trash slot.
         mask = ((keys <= j[..., None]) & ok[..., None]) | (keys == slots[..., None])
         logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (self.cls + j).clamp(max=self.max_pos),
@@ -313,7 +319,7 @@ class SpeculativeEngine:
         base = self.cls + m - 1
         t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
         t_slot = base[:, None] + torch.arange(n1, device=dev)
-        t_mask = torch.arange(self.t_slots, device=dev)[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
+        t_mask = self.t_keys[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
         t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
         out = self._timed("target", self.target.step, self.target.embed_tokens(self._rep(tree.tokens)),
                           positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
