@@ -59,6 +59,8 @@ def test_next_token_law_matches_processing(bundle):
         ({"tree": "dynamic", "tree_top_k": 2, "total_tokens": 1}, r"^total_tokens=1 is out of range"),
         ({"tree": "dynamic", "tree_top_k": 2, "depth": 2, "total_tokens": 50}, r"^total_tokens=50 is out of range"),
         ({"temperature": -0.5}, r"^temperature=-0.5 is out of range"),
+        ({"max_batch": 0}, r"^max_batch=0 is out of range"),
+        ({"method": "vanilla", "max_batch": 0}, r"^max_batch=0 is out of range"),
         ({"method": "nope"}, r"^method='nope' is not allowed; choose one of 'cascade', 'cascade_bounded', 'coolsd', 'gsd', 'lantern', 'lantern_pp', 'strict', 'vanilla'$"),
         ({"delta": 0.1}, r"^parameter 'delta' does not belong to rule 'strict'"),
         ({"method": "lantern_pp", "tree": "dynamic"}, r"^method='lantern_pp' needs a static tree"),

@@ -58,11 +58,25 @@ def test_strict_decode_samples_the_exact_joint_law(tree, params):
     """Chi-square against the enumerated joint law. With n = 60 000 samples over ≤ 81 cells, a
     deviation of TV = 0.02 has noncentrality ≥ n·(2·TV)² = 96 (Cauchy–Schwarz), so it is caught
     at level 1e-3 with probability > 0.99; the seed makes the test deterministic."""
+    _check_sampled_law(tree, params)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tree", list(LAW_TREES))
+def test_continuous_batching_samples_the_exact_joint_law(tree):
+    """The same chi-square test with 7 000 rows serving 60 000 images: rows that finish take the
+    next image (its prefill, first token and cache rows reused), so every wave but the first
+    starts mid-batch."""
+    res = _check_sampled_law(tree, SamplingParams(cfg_scale=2.0, top_k=2), max_rows=7_000)
+    assert res.stats["mean_rows_per_round"] > 6_000
+
+
+def _check_sampled_law(tree: str, params: SamplingParams, max_rows: int | None = None):
     target, drafter = bundle(seed=3)
     law = exact_joint(target, 1, params)
     n = 60_000
     engine = SpeculativeEngine(target, drafter, get_rule("strict"), LAW_TREES[tree], params)
-    res = engine.decode(torch.ones(n, dtype=torch.long), torch.Generator().manual_seed(0))
+    res = engine.decode(torch.ones(n, dtype=torch.long), torch.Generator().manual_seed(0), max_rows=max_rows)
     hist = res.stats["accept_histogram"]
     assert len(hist) == 3 and min(hist) > 50  # 0, 1 and 2 accepted drafts all occur: the walk is exercised
     seqs = list(law)
@@ -75,6 +89,7 @@ def test_strict_decode_samples_the_exact_joint_law(tree, params):
     assert counts[~support].sum() == 0, "emitted a sequence the target law excludes"
     chi2 = stats.chisquare(counts[support], expected[support] * counts[support].sum() / expected[support].sum())
     assert chi2.pvalue > 1e-3, (chi2, 0.5 * (counts / n - expected / n).abs().sum())
+    return res
 
 
 @torch.no_grad()
@@ -90,11 +105,31 @@ def test_greedy_equals_vanilla_greedy(tree, cfg_scale):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_continuous_batching_greedy_equals_vanilla_greedy(tree, cfg_scale):
+    """Three rows serve seven images: each image that joins mid-batch decodes what vanilla decodes."""
+    target = toy_target("toy:vocab=13,len=20,seed=5,layers=2,dim=32,heads=4")
+    drafter = OracleDrafter(toy_target("toy:vocab=13,len=20,seed=6,layers=2,dim=32,heads=4"))
+    params = SamplingParams(temperature=0.0, cfg_scale=cfg_scale)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    res = SpeculativeEngine(target, drafter, get_rule("strict"), TREES[tree], params).decode(labels, max_rows=3)
+    assert torch.equal(res.tokens, vanilla_decode(target, labels, params).tokens)
+    s = res.stats
+    assert 2 < s["mean_rows_per_round"] <= 3 and s["tokens_per_second"] == pytest.approx(7 * 20 / s["seconds"])
+    # One target forward per round, the first prefill, and one prefill per round in which images joined.
+    assert s["batched_rounds"] + 2 <= s["target_forwards"] <= s["batched_rounds"] + 5
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("tree", ["chain-3", "tree-25"])
-def test_drafter_equal_to_target_accepts_every_draft(tree):
+@pytest.mark.parametrize("max_rows", [None, 2])
+def test_drafter_equal_to_target_accepts_every_draft(tree, max_rows):
+    """With continuous batching the oracle's own cache is prefilled for each joining image; a wrong
+    row would make q differ from p and drafts be rejected."""
     target = toy_target("toy:vocab=9,len=24,seed=2,dim=32,heads=4")
     engine = SpeculativeEngine(target, OracleDrafter(target), get_rule("strict"), TREES[tree], SamplingParams(cfg_scale=2.0))
-    res = engine.decode(torch.tensor([0, 1, 0]), torch.Generator().manual_seed(1))
+    res = engine.decode(torch.tensor([0, 1, 0]), torch.Generator().manual_seed(1), max_rows=max_rows)
     depth = TREES[tree].depth
     hist = res.stats["accept_histogram"]
     # Every round accepts the full depth except where the grid's end caps it.

@@ -367,3 +367,31 @@ def test_select_rows_keeps_live_rows_and_their_condition_mask():
     assert torch.equal(model._cond_valid, valid[[1, 3, 2]])
     model.select_rows(torch.tensor([0, 1]))  # rows already in place: nothing moves
     assert torch.equal(model._kv[:, :, :2], before[:, :, [1, 3]])
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_step_on_chosen_cache_rows_matches_the_leading_rows(n_kv_head):
+    """``step(rows=...)`` (a new image joining a running batch) computes what a step over the leading
+    rows computes, writes only the chosen rows and leaves every other row untouched."""
+    model = _random_model(_toy(n_kv_head=n_kv_head))
+    g = torch.Generator().manual_seed(4)
+    cond = torch.tensor([2, 0])
+    tokens = torch.randint(0, 17, (2, 5), generator=g)
+    S, P = 10, 6
+    x = torch.cat([model.embed_cond(cond), model.embed_tokens(tokens)], 1)
+    with torch.no_grad():
+        model.setup_cache(2, S)
+        want = model.step(x, positions=torch.arange(P), slots=torch.arange(P), attn_mask=prefix_mask(2, P, 0, S))
+        lead = model._kv.clone()
+        model.setup_cache(4, S)
+        model._kv.normal_(generator=g)  # stale entries of earlier images must not matter
+        before = model._kv.clone()
+        rows = torch.tensor([3, 1])
+        got = model.step(x, positions=torch.arange(P), slots=torch.arange(P), attn_mask=prefix_mask(2, P, 0, S), rows=rows)
+        torch.testing.assert_close(got.logits, want.logits, atol=TOL, rtol=0)
+        torch.testing.assert_close(model._kv[:, :, rows, :, :P], lead[:, :, :, :, :P], atol=0, rtol=0)
+        assert torch.equal(model._kv[:, :, rows, :, P:], before[:, :, rows, :, P:])
+        assert torch.equal(model._kv[:, :, [0, 2]], before[:, :, [0, 2]])
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 4\)"):
+            model.step(x, positions=torch.arange(P), slots=torch.arange(P), attn_mask=prefix_mask(2, P, 0, S),
+                       rows=torch.tensor([4, 0]))

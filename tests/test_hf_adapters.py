@@ -85,10 +85,11 @@ def test_strict_greedy_equals_vanilla_greedy(family, cfg_scale):
     b = _bundle(family, codes=7)
     prompts = PROMPTS * 2
     vanilla = api.decode(b, prompts, method="vanilla", temperature=0.0, cfg_scale=cfg_scale).tokens
-    for tree, drafter in (("chain-3", "eagle"), ("tree-25", "eagle3"), ("dynamic", "eagle")):
+    for tree, drafter, max_batch in (("chain-3", "eagle", None), ("tree-25", "eagle3", None), ("dynamic", "eagle", None),
+                                     ("chain-3", "eagle3", 3), ("tree-25", "eagle", 3)):
         sd = api.decode(b, prompts, method="strict", tree=tree, drafter=drafter, temperature=0.0, cfg_scale=cfg_scale,
-                        tree_top_k=3, depth=3, total_tokens=8)
-        assert torch.equal(sd.tokens, vanilla), (family, tree)
+                        tree_top_k=3, depth=3, total_tokens=8, max_batch=max_batch)
+        assert torch.equal(sd.tokens, vanilla), (family, tree, max_batch)
     if family == "lumina":  # every row ends with the newline token, and only there
         width = b.target.config.grid_width
         assert (vanilla[:, width - 1 :: width] == 7).all() and (vanilla.reshape(-1, 2, width)[..., :-1] < 7).all()

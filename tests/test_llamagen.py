@@ -206,9 +206,13 @@ def test_t2i_strict_greedy_equals_vanilla_with_padding():
                                 tokens=5, dim=16)
     kw = {"temperature": 0.0, "cfg_scale": 3.0, "seed": 0}
     vanilla = api.decode(b, caps, method="vanilla", **kw).tokens
+    assert torch.equal(api.decode(b, caps, method="vanilla", max_batch=2, **kw).tokens, vanilla)
     for tree in ("chain-3", "tree-25", "dynamic"):
-        sd = api.decode(b, caps, method="strict", tree=tree, tree_top_k=3, depth=3, total_tokens=8, **kw)
-        assert torch.equal(sd.tokens, vanilla), tree
+        for max_batch in (None, 2):  # 2: the third caption joins mid-batch with its own padding
+            sd = api.decode(b, caps, method="strict", tree=tree, tree_top_k=3, depth=3, total_tokens=8,
+                            max_batch=max_batch, **kw)
+            assert torch.equal(sd.tokens, vanilla), (tree, max_batch)
+    assert b.target._cond_valid is None
     with pytest.raises(ConfigError, match="caption_embs must be"):
         api.decode(b, [1, 2], method="vanilla")
 

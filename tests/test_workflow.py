@@ -149,7 +149,25 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
 
     _kill_and_rerun_decode(results, lantern, first["tau"], tmp_path / "killed.log")
+    _continuous_batching_hands_over_drafter_features(results / "models")
     shutil.rmtree(results)
+
+
+def _continuous_batching_hands_over_drafter_features(models: Path) -> None:
+    """Greedy decoding fixes every image's drafts, so images that join a running batch accept exactly
+    what they accept in a full batch only if their drafter inputs (features, tokens, slots) are right."""
+    import torch
+
+    from cascade_sd import api
+
+    bundle = api.load_bundle(models)
+    labels = torch.arange(6) % bundle.target.config.num_classes
+    for drafter in bundle.drafters:
+        kw = {"tree": "tree-25", "drafter": drafter, "temperature": 0.0, "cfg_scale": 2.0}
+        full, joined = (api.decode(bundle, labels, max_batch=rows, **kw) for rows in (None, 2))
+        assert torch.equal(full.tokens, joined.tokens), drafter
+        hist = full.stats["accept_histogram"]
+        assert hist == joined.stats["accept_histogram"] and sum(hist[1:]) > 0, (drafter, hist)
 
 
 def _kill_and_rerun_decode(results: Path, cell_dir: Path, tau: float, log: Path) -> None:

@@ -184,10 +184,15 @@ def decode(
     record_drift: bool = False,
     drift_draws: int = 256,
     drift_rows: int | None = None,
+    max_batch: int | None = None,
     **rule_params: Any,
 ) -> DecodeResult:
     """Decode one image per condition; ``method="vanilla"`` is plain AR decoding, otherwise a rule name
     (with a continuous bundle: ``"vanilla"`` or ``"cspd"``, whose parameters come as ``rule_params``).
+
+    ``max_batch`` caps the images decoded at once (default: all): vanilla decodes consecutive
+    batches of that size; speculative methods keep that many rows busy, an image that finishes
+    handing its row to the next (continuous batching).
 
     ``labels`` are what ``bundle.target.prepare_condition`` takes: class labels (c2i), ``Captions`` or
     caption features [B, n, 2048] (LlamaGen t2i), or prompts as lists of token ids (transformers adapters).
@@ -198,9 +203,11 @@ def decode(
     tokens do not change. Everything is validated (one-line
     errors) before any compute starts.
     """
+    if max_batch is not None:
+        check_int("max_batch", max_batch, 1)
     if isinstance(bundle, ContinuousBundle):
-        if top_k != 0 or top_p != 1.0 or record_drift:
-            raise ConfigError("top_k, top_p and record_drift do not apply to continuous models; "
+        if top_k != 0 or top_p != 1.0 or record_drift or max_batch is not None:
+            raise ConfigError("top_k, top_p, record_drift and max_batch do not apply to continuous models; "
                               "CSpD takes gamma, prefill, ratio_temperature and max_tries")
         return decode_continuous(bundle, labels, method=method, seed=seed, temperature=temperature,
                                  cfg_scale=cfg_scale, **rule_params)
@@ -212,8 +219,7 @@ def decode(
     if method == "vanilla":
         if rule_params:
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
-        with condition_padding(bundle.target, valid, params):
-            return vanilla_decode(bundle.target, cond, params, generator=gen)
+        return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0])
     rule = get_rule(method, **rule_params)
     check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     rule.bind(bundle.rule_resources())
@@ -230,11 +236,25 @@ def decode(
                                  generator=torch.Generator().manual_seed(seed + 1))
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile,
                                drift=recorder)
-    with condition_padding(bundle.target, valid, params):
-        result = engine.decode(cond, gen)
+    result = engine.decode(cond, gen, max_rows=max_batch, valid=valid)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
                      "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1}
     return result
+
+
+def _vanilla_batches(target: GPT, cond: torch.Tensor, valid: torch.Tensor | None, params: SamplingParams,
+                     gen: torch.Generator, size: int) -> DecodeResult:
+    """Vanilla decoding of ``cond`` in consecutive batches of ``size`` images; totals over the batches."""
+    parts = []
+    for lo in range(0, cond.shape[0], size):
+        with condition_padding(target, None if valid is None else valid[lo : lo + size], params):
+            parts.append(vanilla_decode(target, cond[lo : lo + size], params, generator=gen))
+    if len(parts) == 1:
+        return parts[0]
+    tokens = torch.cat([r.tokens for r in parts])
+    seconds = sum(r.stats["seconds"] for r in parts)
+    return DecodeResult(tokens=tokens, stats={"target_forwards": sum(r.stats["target_forwards"] for r in parts),
+                                              "seconds": seconds, "tokens_per_second": tokens.numel() / seconds})
 
 
 @torch.no_grad()

@@ -8,13 +8,17 @@ target). The target sees the root and all T drafted nodes in one forward; accept
 KV entries are compacted into place (no recompute) and the bonus token becomes the next root.
 
 Batching: every row keeps its own committed length m and its own slots (per-row positions,
-slots and masks). A row whose image is complete leaves the batch at the end of its round: both
-caches move the remaining rows to the front (``select_rows``, copying only rows that change
-place), so no forward computes a finished row. What the batch still loses when its rows finish
-at different rounds (smaller, less efficient forwards near the end) shows in the benchmark's
-achieved/predicted speedup. The drafter's entries for committed tokens are always computed from
-real target features in the next round's catch-up forward, so its cache needs no compaction.
-With CFG both streams ride in one batch ([cond rows; uncond rows]).
+slots and masks). A row whose image is complete hands its row to the next queued image
+(continuous batching, when ``decode`` gets more images than ``max_rows``): a target forward over
+the new image's condition alone (``step(rows=...)``) writes its prefix into that row's slots,
+and m restarts at 1; stale entries of the old image are never visible, since every mask only
+admits slots the row's current image wrote. When the queue is empty, finished rows leave the
+batch: both caches move the remaining rows to the front (``select_rows``, copying only rows that
+change place), so no forward computes a finished row. What the batch still loses while its last
+rows finish (smaller, less efficient forwards) shows in the benchmark's achieved/predicted
+speedup. The drafter's entries for committed tokens are always computed from real target
+features in the next round's catch-up forward, so its cache needs no compaction. With CFG both
+streams ride in one batch ([cond rows; uncond rows]).
 """
 
 from __future__ import annotations
@@ -286,12 +290,34 @@ class SpeculativeEngine:
         self.layers = getattr(drafter, "needs_layers", False)
         return streams
 
-    def _prefill(self, streams: torch.Tensor):
-        """Target forward over the condition tokens; its last output gives p_0 and H_0."""
+    def _prefill(self, streams: torch.Tensor, rows: torch.Tensor | None = None):
+        """Target forward over the condition tokens (of cache ``rows``, default all); its last output
+        gives p_0 and H_0."""
         pos = torch.arange(self.cls, device=self.device)
+        extra = {} if rows is None else {"rows": rows}
         return self._timed("target", self.target.step, self.target.embed_cond(streams), positions=pos, slots=pos,
                            attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
-                           return_layers=self.layers)
+                           return_layers=self.layers, **extra)
+
+    def _refill(self, cond: torch.Tensor, rows: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start the images ``cond`` [k] in batch rows ``rows`` [k]: prefill their condition into those
+        rows of both caches; return their first token and the drafter's input feature for it."""
+        streams = with_null_condition(self.target, cond, self.params)
+        stream_rows = self._rep_rows(rows)
+        out = self._prefill(streams, stream_rows)
+        if hasattr(self.drafter, "begin"):
+            self.drafter.begin(streams, rows=stream_rows)
+        first = sample_from_law(self._law(out.logits[:, -1]), generator)
+        return first, self.drafter.target_features(out)[:, -1]
+
+    def _rep_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stream rows of batch rows ``rows``: [rows; rows + live] with CFG."""
+        return torch.cat([rows + i * self.live for i in range(self.reps)]) if self.reps > 1 else rows
+
+    def _condition_padding(self, valid: torch.Tensor | None, images: torch.Tensor) -> None:
+        """Hide the padded condition slots of the images in the batch (t2i captions, prompts)."""
+        if valid is not None:
+            self.target.set_condition_mask(self._rep(valid[images].to(self.device)))
 
     def _catch_up(self, feats: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, pend_len: torch.Tensor) -> _Round:
         """Drafter forward over the ``pend_len`` tokens committed last, from real target features."""
@@ -369,25 +395,42 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ decode
     @inference_decode
-    def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> DecodeResult:
-        """Generate the full token grid for each condition in ``cond`` ([B] labels)."""
+    def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None, *, max_rows: int | None = None,
+               valid: torch.Tensor | None = None) -> DecodeResult:
+        """Generate the full token grid for each condition in ``cond`` ([B] labels), at most ``max_rows``
+        images at a time (default all; see the module docstring). ``valid`` [B, cls] marks real condition
+        slots where conditions are padded."""
         self.stats = RoundStats()
+        total = cond.shape[0]
+        b = total if max_rows is None else min(max_rows, total)
+        cond = cond.to(self.device)
+        valid = None if valid is None or bool(valid.all()) else valid
+        images = torch.arange(b, device=self.device)  # the image each row decodes
+        self._condition_padding(valid, images)
+        try:
+            return self._decode(cond, images, generator, valid)
+        finally:
+            if valid is not None:
+                self.target.set_condition_mask(None)
+
+    def _decode(self, cond: torch.Tensor, images: torch.Tensor, generator, valid: torch.Tensor | None) -> DecodeResult:
         start = time.perf_counter()
-        streams = self._setup(cond)
-        n, dev, b = self.n_tokens, self.device, cond.shape[0]
+        b, total = images.numel(), cond.shape[0]
+        streams = self._setup(cond[:b])
+        n, dev = self.n_tokens, self.device
         out = self._prefill(streams)
-        result = torch.zeros(b, n, dtype=torch.long, device=dev)
+        result = torch.zeros(total, n, dtype=torch.long, device=dev)
         # Rows of the images still decoding, with room for a round's writes past the grid.
         tokens = torch.zeros(b, n + self.tree.depth + 1, dtype=torch.long, device=dev)
         tokens[:, 0] = sample_from_law(self._law(out.logits[:, -1]), generator)
         feats = self.drafter.target_features(out)[:, -1:]
         m = torch.ones(b, dtype=torch.long, device=dev)
         pend_len = torch.ones(b, dtype=torch.long, device=dev)
-        images = torch.arange(b, device=dev)  # the image each row decodes
+        queued = b  # the next image to start
         while images.numel():
             round_start = time.perf_counter()
             self.stats.begin_round()
-            live = images.numel()
+            self.live = live = images.numel()
             # 1. Drafter catch-up; 2. draft tree; 3. one target forward over the tree.
             rnd = self._catch_up(feats, tokens, m, pend_len)
             tree = self._draft(rnd, tokens[torch.arange(live, device=dev), m - 1], m, generator)
@@ -401,8 +444,20 @@ class SpeculativeEngine:
             feats = self._commit(tokens, tree, walk, m, out)
             m, pend_len = m + a + 1, a + 1
             done = m >= n
-            if bool(done.any()):  # 6. finished images leave the batch
+            if bool(done.any()):  # 6. finished images hand their rows to queued ones, or leave the batch
                 result[images[done]] = tokens[done, :n]
+                rows = done.nonzero().squeeze(-1)[: total - queued]
+                if rows.numel():
+                    new = torch.arange(queued, queued + rows.numel(), device=dev)
+                    queued += rows.numel()
+                    images = images.index_put((rows,), new)
+                    self._condition_padding(valid, images)
+                    first, feat = self._refill(cond[new], rows, generator)
+                    tokens[rows] = 0
+                    tokens[rows, 0] = first
+                    m[rows], pend_len[rows], done[rows] = 1, 1, False
+                    feats[self._rep_rows(rows), 0] = feat
+            if bool(done.any()):
                 keep = (~done).nonzero().squeeze(-1)
                 images, tokens, m, pend_len = images[keep], tokens[keep], m[keep], pend_len[keep]
                 stream_rows = torch.cat([keep + i * live for i in range(self.reps)])
@@ -411,7 +466,7 @@ class SpeculativeEngine:
                 self.drafter.select_rows(stream_rows)
             self.stats.record_round(a, time.perf_counter() - round_start, computed_rows=live)
         seconds = time.perf_counter() - start
-        stats = self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n)
+        stats = self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n, images=total)
         arrays = {}
         if self.drift is not None:
             stats |= self.drift.summary()

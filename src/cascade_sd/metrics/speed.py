@@ -66,12 +66,14 @@ class RoundStats:
         self.computed_rows.append(computed_rows)
         self.live_rows += int(accepted.numel())
 
-    def summary(self, *, seconds: float, batch: int, tokens_per_image: int) -> dict[str, Any]:
-        """The statistics dict every decode result carries.
+    def summary(self, *, seconds: float, batch: int, tokens_per_image: int, images: int | None = None) -> dict[str, Any]:
+        """The statistics dict every decode result carries, for ``images`` images (default ``batch``)
+        decoded at most ``batch`` at a time.
 
         ``full_batch_round_model_seconds``: mean model time of a round that computed all ``batch``
         rows, the per-round draft + verify cost of the speedup cost model (DESIGN 7).
         """
+        images = batch if images is None else images
         acc = np.concatenate(self.accepted) if self.accepted else np.zeros(0, dtype=np.int64)
         round_total = float(sum(self.round_seconds))
         model_in_rounds = float(sum(self.round_model_seconds))
@@ -87,8 +89,8 @@ class RoundStats:
             "target_seconds": float(self.model_seconds["target"]),
             "drafter_seconds": float(self.model_seconds["drafter"]),
             "seconds": seconds,
-            "seconds_per_image": seconds / batch,
-            "tokens_per_second": batch * tokens_per_image / seconds,
+            "seconds_per_image": seconds / images,
+            "tokens_per_second": images * tokens_per_image / seconds,
             "engine_overhead_fraction": max(0.0, 1.0 - model_in_rounds / round_total) if round_total > 0 else 0.0,
             "padding_fraction": 1.0 - self.live_rows / computed if computed else 0.0,
             "mean_rows_per_round": computed / len(self.computed_rows) if self.computed_rows else 0.0,

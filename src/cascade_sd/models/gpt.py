@@ -263,15 +263,28 @@ def check_step_inputs(
                          f"{tuple(attn_mask.shape)}")
 
 
-def write_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store k/v [B, H, T, hd] into caches [B, H, S, hd] at ``slots`` ([T] shared or [B, T] per row)."""
-    if slots.dim() == 1:
+def write_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                rows: torch.Tensor | None = None) -> None:
+    """Store k/v [B, H, T, hd] into caches [B', H, S, hd] at ``slots`` ([T] shared or [B, T] per row), in
+    cache rows ``rows`` [B] (default: the leading B rows)."""
+    if slots.dim() == 1 and rows is None:
         kc[:, :, slots] = k.to(kc.dtype)
         vc[:, :, slots] = v.to(vc.dtype)
     else:
-        rows = torch.arange(k.shape[0], device=slots.device)[:, None]
-        kc[rows, :, slots] = k.transpose(1, 2).to(kc.dtype)
-        vc[rows, :, slots] = v.transpose(1, 2).to(vc.dtype)
+        index = (rows if rows is not None else torch.arange(k.shape[0], device=slots.device))[:, None]
+        at = slots if slots.dim() == 2 else slots[None]
+        kc[index, :, at] = k.transpose(1, 2).to(kc.dtype)
+        vc[index, :, at] = v.transpose(1, 2).to(vc.dtype)
+
+
+def check_rows(rows: torch.Tensor | None, bsz: int, max_rows: int) -> None:
+    """Validate the cache rows [B] a cached pass writes (None: the leading ``bsz`` rows)."""
+    if rows is None:
+        return
+    if rows.dim() != 1 or rows.numel() != bsz or rows.dtype != torch.long:
+        raise ValueError(f"rows must be a LongTensor [{bsz}], got {rows.dtype} {tuple(rows.shape)}")
+    if bsz and not (0 <= int(rows.min()) and int(rows.max()) < max_rows):
+        raise ValueError(f"rows must lie in [0, {max_rows}) (the cache's max_batch_size)")
 
 
 def copy_slots(kv: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -380,8 +393,10 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         slots: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal self-attention over ``x`` (no cache) or attention to the cache under ``mask`` [B|1, 1, T, S]."""
+        """Causal self-attention over ``x`` (no cache) or attention to the cache under ``mask`` [B|1, 1, T, S];
+        with a cache, ``x`` belongs to cache rows ``rows`` [B] (default: the leading B rows)."""
         bsz, seqlen, _ = x.shape
         kv_size = self.n_kv_head * self.head_dim
         xq, xk, xv = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
@@ -390,9 +405,12 @@ class Attention(nn.Module):
         xv = xv.view(bsz, seqlen, self.n_kv_head, self.head_dim)
         xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))
         keys, values = xk, xv
-        if slots is not None:
+        if slots is not None and rows is None:
             keys, values = self.k_cache[:bsz], self.v_cache[:bsz]
             write_slots(keys, values, xk, xv, slots)
+        elif slots is not None:
+            write_slots(self.k_cache, self.v_cache, xk, xv, slots, rows)
+            keys, values = self.k_cache[rows], self.v_cache[rows]
         if self.n_kv_head != self.n_head:
             keys = keys.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             values = values.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -425,9 +443,10 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         slots: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Apply attention and MLP with residuals."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, slots, mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -652,24 +671,29 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor,
         return_hidden: bool = True,
         return_layers: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Cached pass over embedded inputs ``x`` [B, T, dim]: write k/v at ``slots``, attend where ``attn_mask``.
 
         ``positions`` ([T] or [B, T]) are sequence positions for 2D RoPE (< cls_token_num: condition, no
         rotation); ``slots`` ([T] or [B, T]) are cache entries to write; ``attn_mask`` [B|1, T, S] (True =
-        may attend, S = cache length) must let every query see at least itself. Logits [B, T, V] float32.
+        may attend, S = cache length) must let every query see at least itself. ``rows`` [B]: the cache
+        rows ``x`` belongs to (default: the leading B rows; the engine prefills images that join a
+        running batch this way). Logits [B, T, V] float32.
         """
         bsz, T, _ = x.shape
-        _, S = self._require_cache(bsz)
+        max_rows, S = self._require_cache(bsz)
         check_step_inputs(bsz, T, S, positions, slots, attn_mask)
+        check_rows(rows, bsz, max_rows)
         cos, sin = self._rope(positions)
         if self._cond_valid is not None:
-            attn_mask = hide_condition_padding(attn_mask, slots, self._cond_valid, bsz)
+            valid = self._cond_valid if rows is None else self._cond_valid[rows]
+            attn_mask = hide_condition_padding(attn_mask, slots, valid, bsz)
         mask = attn_mask.unsqueeze(1)
         h = self.tok_dropout(x)
         layers: list[torch.Tensor] = []
         for layer in self.layers:
-            h = layer(h, cos, sin, slots, mask)
+            h = layer(h, cos, sin, slots, mask, rows)
             if return_layers:
                 layers.append(h)
         h = self.norm(h)

@@ -30,6 +30,7 @@ from cascade_sd.models.gpt import (
     at_least_float32,
     check_step_inputs,
     copy_slots,
+    check_rows,
     hide_condition_padding,
     keep_rows,
     require_cache,
@@ -67,10 +68,16 @@ class SlotCache:
                  device: torch.device) -> None:
         self.kv = torch.zeros(layers, 2, batch, heads, seq, head_dim, dtype=dtype, device=device)
         self.slots: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H, T, hd] at ``self.slots`` ([T] or [B, T]); return this layer's cache rows in use."""
+        """Write k/v [B, H, T, hd] at ``self.slots`` ([T] or [B, T]) of cache rows ``self.rows`` (None: the
+        leading B rows); return this layer's cache rows in use."""
+        if self.rows is not None:
+            kc, vc = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+            write_slots(kc, vc, key_states, value_states, self.slots, self.rows)
+            return kc[self.rows], vc[self.rows]
         bsz = key_states.shape[0]
         kc, vc = self.kv[layer_idx, 0, :bsz], self.kv[layer_idx, 1, :bsz]
         write_slots(kc, vc, key_states, value_states, self.slots)
@@ -197,20 +204,24 @@ class HFImageTarget(nn.Module):
             logits = logits.masked_fill(at_end[..., None] != is_row, _FORBIDDEN)
         return logits
 
-    def _padding(self, mask: torch.Tensor, slots: torch.Tensor, batch: int) -> torch.Tensor:
+    def _padding(self, mask: torch.Tensor, slots: torch.Tensor, batch: int,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hide padded prompt columns from every query but their own slot (as GPT does for captions)."""
         if self._cond_valid is None:
             return mask
-        return hide_condition_padding(mask, slots, self._cond_valid.to(mask.device), batch)
+        valid = self._cond_valid.to(mask.device)
+        return hide_condition_padding(mask, slots, valid if rows is None else valid[rows], batch)
 
     def step(self, x: torch.Tensor, *, positions: torch.Tensor, slots: torch.Tensor, attn_mask: torch.Tensor,
-             return_hidden: bool = True, return_layers: bool = False) -> GPTOutput:
-        """Cached pass over embedded inputs (GPT.step's contract: write k/v at ``slots``, attend where allowed)."""
+             return_hidden: bool = True, return_layers: bool = False, rows: torch.Tensor | None = None) -> GPTOutput:
+        """Cached pass over embedded inputs (GPT.step's contract: write k/v at ``slots`` of cache ``rows``,
+        attend where allowed)."""
         bsz, T, _ = x.shape
-        _, S = require_cache(self.cache_shape, bsz, "HFImageTarget")
+        max_rows, S = require_cache(self.cache_shape, bsz, "HFImageTarget")
         check_step_inputs(bsz, T, S, positions, slots, attn_mask)
-        self._cache.slots = slots
-        h, layers = self._run(x, positions, self._padding(attn_mask, slots, bsz), self._cache, return_layers)
+        check_rows(rows, bsz, max_rows)
+        self._cache.slots, self._cache.rows = slots, rows
+        h, layers = self._run(x, positions, self._padding(attn_mask, slots, bsz, rows), self._cache, return_layers)
         return GPTOutput(logits=self._logits(h, positions), hidden=h if return_hidden else None,
                          layers=layers if return_layers else None)
 

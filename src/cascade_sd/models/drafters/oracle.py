@@ -34,12 +34,14 @@ class OracleDrafter(nn.Module):
         """Allocate the copy's cache with room for the condition prefix."""
         self.model.setup_cache(max_batch, max_len + self.cls, dtype=dtype, device=device)
 
-    def begin(self, cond_streams: torch.Tensor) -> None:
-        """Prefill the condition (both CFG streams) into the leading slots."""
+    def begin(self, cond_streams: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Prefill the condition (both CFG streams) into the leading slots of cache ``rows`` (default: the
+        leading rows)."""
         pos = torch.arange(self.cls, device=cond_streams.device)
         _, s = self.model.cache_shape
         mask = (torch.arange(s, device=pos.device)[None, :] <= pos[:, None]).unsqueeze(0)
-        self.model.step(self.model.embed_cond(cond_streams), positions=pos, slots=pos, attn_mask=mask, return_hidden=False)
+        self.model.step(self.model.embed_cond(cond_streams), positions=pos, slots=pos, attn_mask=mask, return_hidden=False,
+                        rows=rows)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep cache rows ``rows``, in this order, as rows 0..len−1 (images leaving a decode batch)."""
