@@ -1,13 +1,15 @@
 """Benchmark: vanilla and speculative variants in one process, warm, medians (DESIGN 7, 11).
 
 Speedup = median vanilla time / median method time at the same batch size, over runs that
-alternate vanilla and the method (so a drifting machine slows both alike). The cost model
-predicts the speedup from τ and the measured per-round model costs:
+alternate vanilla and the method (so a drifting machine slows both alike). Each run decodes
+batch × ``waves`` images at most batch at a time: vanilla in ``waves`` consecutive batches, the
+speculative engine with continuous batching (a finished image's row goes to the next one). The
+cost model predicts the speedup from τ and the measured per-round model costs:
 ``predicted = τ · t_vanilla_step / (t_draft_round + t_verify_round)``, where t_vanilla_step is
 vanilla's time per token step at that batch size and the round's draft and verify costs are its
 model time in rounds that computed the whole batch. achieved / predicted shows what the engine
-loses outside model forwards and, for batches, what the batch loses as its rows finish at
-different rounds (the last rounds run smaller, less efficient forwards).
+loses outside model forwards and, for batches, what the batch loses once no image is left to
+join it (its last rows finish at different rounds and run smaller, less efficient forwards).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from cascade_sd import api
 from cascade_sd.acceptance import RULES, get_rule
 from cascade_sd.decoding.processing import SamplingParams
-from cascade_sd.errors import ConfigError
+from cascade_sd.errors import ConfigError, check_int
 
 
 def _sync(device: torch.device) -> None:
@@ -77,12 +79,14 @@ def run_bench(
     drafters: Iterable[str] | None = None,
     method: str = "strict",
     repeats: int = 3,
+    waves: int = 1,
     seed: int = 0,
     sampling: dict[str, Any] | None = None,
     tree_options: dict[str, Any] | None = None,
     rule_params: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (batch size, drafter, tree): τ, tokens/s, speedup, overhead, predicted speedup."""
+    check_int("waves", waves, 1)
     sampling = sampling or {}
     SamplingParams(**sampling)  # validate before any compute
     drafters = list(drafters or bundle.drafters)
@@ -93,24 +97,26 @@ def run_bench(
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
     for batch in batch_sizes:
-        labels = torch.arange(batch) % classes
-        vanilla = lambda: api.decode(bundle, labels, method="vanilla", seed=seed, **sampling)
+        labels = torch.arange(batch * waves) % classes
+        images = labels.numel()
+        vanilla = lambda: api.decode(bundle, labels, method="vanilla", seed=seed, max_batch=batch, **sampling)
         batch_rows, all_vanilla = [], []
         for name in drafters:
             for tree in trees:
                 run = lambda: api.decode(bundle, labels, method=method, tree=tree, drafter=name, seed=seed, profile=True,
-                                         **sampling, **(tree_options or {}), **(rule_params or {}))
+                                         max_batch=batch, **sampling, **(tree_options or {}), **(rule_params or {}))
                 van_times, sd_times, results = _timed_pairs(vanilla, run, repeats, device)
                 all_vanilla += van_times
                 t_van, t_sd = statistics.median(van_times), statistics.median(sd_times)
                 s = results[-1].stats  # the same seed: every run decodes the same tokens
                 timing = {k: statistics.median(r.stats[k] for r in results)
                           for k in ("engine_overhead_fraction", "full_batch_round_model_seconds")}
-                predicted = s["mean_accepted_length"] * (t_van / n_tokens) / timing["full_batch_round_model_seconds"]
+                predicted = s["mean_accepted_length"] * (t_van / (waves * n_tokens)) / timing["full_batch_round_model_seconds"]
                 achieved = t_van / t_sd
                 batch_rows.append({
-                    "batch": batch, "method": method, "drafter": name, "tree": tree, "tau": s["mean_accepted_length"],
-                    "seconds": t_sd, "tokens_per_second": batch * n_tokens / t_sd, "speedup": achieved,
+                    "batch": batch, "images": images, "method": method, "drafter": name, "tree": tree,
+                    "tau": s["mean_accepted_length"], "seconds": t_sd, "tokens_per_second": images * n_tokens / t_sd,
+                    "speedup": achieved,
                     "predicted_speedup": predicted, "achieved_over_predicted": achieved / predicted,
                     "engine_overhead_fraction": timing["engine_overhead_fraction"], "padding_fraction": s["padding_fraction"],
                     "mean_rows_per_round": s["mean_rows_per_round"],
@@ -118,20 +124,21 @@ def run_bench(
                     "accept_histogram": s["accept_histogram"],
                 })
         t_van = statistics.median(all_vanilla) if all_vanilla else _timed(vanilla, device)[0]
-        rows.append({"batch": batch, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
-                     "seconds": t_van, "tokens_per_second": batch * n_tokens / t_van, "speedup": 1.0})
+        rows.append({"batch": batch, "images": images, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
+                     "seconds": t_van, "tokens_per_second": images * n_tokens / t_van, "speedup": 1.0})
         rows += batch_rows
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of benchmark rows."""
-    head = ("| batch | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred | overhead "
+    head = ("| batch | images | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred | overhead "
             "| rows/round | padding |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} | {r['tokens_per_second']:.0f} "
+            f"| {r['batch']} | {r['images']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} "
+            f"| {r['tokens_per_second']:.0f} "
             f"| {r['speedup']:.2f} | {r.get('predicted_speedup', float('nan')):.2f} "
             f"| {r.get('achieved_over_predicted', float('nan')):.2f} | {r.get('engine_overhead_fraction', 0):.1%} "
             f"| {r.get('mean_rows_per_round', r['batch']):.1f} | {r.get('padding_fraction', 0):.1%} |"

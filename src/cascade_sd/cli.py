@@ -367,6 +367,7 @@ def bench_cmd(
     drafters: Optional[str] = typer.Option(None, help="comma-separated (default: all in the bundle)"),
     method: str = typer.Option("strict"),
     repeats: int = typer.Option(3, min=1),
+    waves: int = typer.Option(1, min=1, help="images per setting = batch size × waves (continuous batching)"),
     seed: int = typer.Option(0, min=0),
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
@@ -379,7 +380,10 @@ def bench_cmd(
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="JSON file for the rows"),
 ) -> None:
-    """Vanilla and speculative variants in one process (warm, medians): τ, tokens/s, speedup, cost model."""
+    """Vanilla and speculative variants in one process (warm, medians): τ, tokens/s, speedup, cost model.
+
+    With ``--waves W`` each setting decodes W × batch images at most batch at a time: vanilla in W
+    consecutive batches, speculative methods with continuous batching."""
     import torch
 
     from cascade_sd import api
@@ -391,7 +395,7 @@ def bench_cmd(
     b = api.load_bundle(bundle, device=device)
     rows = run_bench(
         b, batch_sizes=[int(x) for x in batch_sizes.split(",")], trees=trees.split(","),
-        drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, seed=seed,
+        drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, waves=waves, seed=seed,
         sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
         tree_options={"tree_top_k": tree_top_k, "depth": depth,
                       "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
