@@ -86,10 +86,12 @@ def law_from_logits(logits: torch.Tensor, params: SamplingParams, dtype: torch.d
 
     Greedy parameters give a one-hot law at the argmax (first index on ties).
     """
-    logits = logits.to(dtype or logits.dtype)
+    dtype = dtype or logits.dtype
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
-    scaled = logits / params.temperature if params.temperature != 1.0 else logits
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(dtype)
+    if params.temperature == 1.0 and not 0 < params.top_k < logits.shape[-1] and params.top_p == 1.0:
+        return logits.softmax(dim=-1, dtype=dtype)  # casts first: the same values as below, one op fewer
+    scaled = logits.to(dtype) / params.temperature if params.temperature != 1.0 else logits.to(dtype)
     return filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
 
 
