@@ -43,6 +43,7 @@ from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, inference_dec
 from cascade_sd.decoding.verify import walk_tree
 from cascade_sd.metrics.drift import DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
+from cascade_sd.models.gpt import GPTOutput
 
 
 @dataclass
@@ -308,7 +309,7 @@ class SpeculativeEngine:
         if hasattr(self.drafter, "begin"):
             self.drafter.begin(streams, rows=stream_rows)
         first = sample_from_law(self._law(out.logits[:, -1]), generator)
-        return first, self.drafter.target_features(out)[:, -1]
+        return first, self._features(out, slice(-1, None))[:, 0]
 
     def _rep_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Stream rows of batch rows ``rows``: [rows; rows + live] with CFG."""
@@ -423,7 +424,7 @@ class SpeculativeEngine:
         # Rows of the images still decoding, with room for a round's writes past the grid.
         tokens = torch.zeros(b, n + self.tree.depth + 1, dtype=torch.long, device=dev)
         tokens[:, 0] = sample_from_law(self._law(out.logits[:, -1]), generator)
-        feats = self.drafter.target_features(out)[:, -1:]
+        feats = self._features(out, slice(-1, None))
         m = torch.ones(b, dtype=torch.long, device=dev)
         pend_len = torch.ones(b, dtype=torch.long, device=dev)
         queued = b  # the next image to start
@@ -494,9 +495,18 @@ class SpeculativeEngine:
             noop = torch.full_like(moving, self.t_slots - 1, dtype=torch.long)
             self.target.copy_cache(self._rep(torch.where(moving, base + path[:, 1:], noop)),
                                    self._rep(torch.where(moving, base + k_steps[None], noop)))
-        feat_all = self.drafter.target_features(out)
-        pick = self._rep(path)
-        return feat_all.gather(1, pick[..., None].expand(-1, -1, feat_all.shape[-1]))
+        return self._features(out, self._rep(path))
+
+    def _features(self, out: GPTOutput, pick: torch.Tensor | slice) -> torch.Tensor:
+        """The drafter's input features at target outputs ``pick`` (per stream row [rows, K], or a slice),
+        selected before the drafter builds them (EAGLE-3 fuses layers: a drafter forward, timed as one)."""
+        if isinstance(pick, slice):
+            take = lambda x: x[:, pick]
+        else:
+            take = lambda x: x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))
+        sel = GPTOutput(logits=out.logits, hidden=None if out.hidden is None else take(out.hidden),
+                        layers=None if out.layers is None else [take(x) for x in out.layers])
+        return self._timed("drafter", self.drafter.target_features, sel)
 
     def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
                       m: torch.Tensor, images: torch.Tensor) -> None:

@@ -293,8 +293,14 @@ def copy_slots(kv: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tenso
     if src_slots.shape != dst_slots.shape or src_slots.dim() != 2:
         raise ValueError(f"src_slots and dst_slots must both be [B, K], got {tuple(src_slots.shape)} "
                          f"and {tuple(dst_slots.shape)}")
-    rows = torch.arange(src_slots.shape[0], device=src_slots.device)[:, None]
-    kv[:, :, rows, :, dst_slots] = kv[:, :, rows, :, src_slots]
+    # As one index over the flattened (row, head, slot) dims: index_select/index_copy_ move whole
+    # head_dim vectors, far cheaper than advanced indexing over two non-adjacent dims.
+    layers, _, _, heads, seq, head_dim = kv.shape
+    rows = torch.arange(src_slots.shape[0], device=kv.device)
+    base = (rows[:, None] * heads + torch.arange(heads, device=kv.device)) * seq  # [B, H]: (row, head) offsets
+    flat = kv.view(layers * 2, -1, head_dim)
+    at = lambda slots: (base[:, :, None] + slots[:, None, :]).flatten()  # [B·H·K]
+    flat.index_copy_(1, at(dst_slots), flat.index_select(1, at(src_slots)))
 
 
 def keep_rows(cache: torch.Tensor, rows: torch.Tensor, dim: int) -> None:
