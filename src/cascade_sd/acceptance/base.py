@@ -29,6 +29,15 @@ class NodeState:
     p: torch.Tensor
     q: torch.Tensor | None
 
+    def rows(self, idx: torch.Tensor) -> "NodeState":
+        """The state of rows ``idx``."""
+        return NodeState(p=self.p[idx], q=None if self.q is None else self.q[idx])
+
+    def put(self, idx: torch.Tensor, other: "NodeState") -> "NodeState":
+        """This state with rows ``idx`` replaced by ``other`` (no proposal if ``other`` has none)."""
+        q = None if self.q is None or other.q is None else self.q.index_put((idx,), other.q)
+        return NodeState(p=self.p.index_put((idx,), other.p), q=q)
+
 
 @dataclass
 class NodeContext:
@@ -42,6 +51,12 @@ class NodeContext:
     depth: int = 1
     n_candidates: int | torch.Tensor = 1
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self, idx: torch.Tensor, batch: int) -> "NodeContext":
+        """The context of rows ``idx`` of a ``batch``-row node (entries shared by every row stay as they are)."""
+        pick = lambda v: v[idx] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+        return NodeContext(depth=self.depth, n_candidates=pick(self.n_candidates),
+                           extras={k: pick(v) for k, v in self.extras.items()})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -25,10 +25,6 @@ def _without(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = law.scatter(-1, x.unsqueeze(-1), 0.0)
     total = out.sum(-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-300), torch.zeros_like(out))
-
-
-def _take(state: NodeState, idx: torch.Tensor) -> NodeState:
-    return NodeState(p=state.p[idx], q=None if state.q is None else state.q[idx])
 
 
 def induced_law(
@@ -79,17 +75,17 @@ def induced_law(
         live = reach > 0
         # Branches whose draw law is exhausted go straight to the bonus token.
         exhausted = draw.sum(-1) <= 0
-        law += (weight[exhausted].unsqueeze(-1) * rule.bonus_law(_take(state, exhausted), ctx)).sum(0)
+        law += (weight[exhausted].unsqueeze(-1) * rule.bonus_law(state.rows(exhausted), ctx)).sum(0)
         if not live.any():
             return law
         rows, xs, reach = rows[live], xs[live], reach[live]
-        expanded = _take(state, rows)
+        expanded = state.rows(rows)
         a = rule.accept_prob(expanded, xs, ctx)
         law.index_add_(0, xs, reach * a)
         weight = reach * (1 - a)
         state, draw = rule.reject(expanded, xs, ctx), _without(draw[rows], xs)
         keep = weight > 0
-        weight, state, draw = weight[keep], _take(state, keep), draw[keep]
+        weight, state, draw = weight[keep], state.rows(keep), draw[keep]
         if weight.numel() == 0:
             return law
     return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)

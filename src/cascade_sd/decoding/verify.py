@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, TreeView
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, TreeView
 from cascade_sd.decoding.processing import NodeLaws, sample_from_law
 from cascade_sd.decoding.tree import DraftTree
 
@@ -26,12 +26,6 @@ class WalkResult:
     accepted: torch.Tensor
     bonus: torch.Tensor
     last_node: torch.Tensor
-
-
-def _where_state(cond: torch.Tensor, a: NodeState, b: NodeState) -> NodeState:
-    c = cond.unsqueeze(-1)
-    q = None if a.q is None else torch.where(c, a.q, b.q)
-    return NodeState(p=torch.where(c, a.p, b.p), q=q)
 
 
 def _draw(mask: torch.Tensor, law: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -116,9 +110,11 @@ def walk_tree(
             rej = valid & missed
             n_rej = int(rej.sum())
             n_pending -= n_valid - n_rej
-            if n_rej:  # only rejected rows need the rule's next residual
-                after = rule.reject(state, x, ctx)
-                state = after if n_rej == batch else _where_state(rej, after, state)
+            if n_rej == batch:
+                state = rule.reject(state, x, ctx)
+            elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
+                idx = rej.nonzero().squeeze(-1)
+                state = state.put(idx, rule.reject(state.rows(idx), x[idx], ctx.rows(idx, batch)))
                 if rejected is not None:
                     rejected[rows, x] |= rej
             if not n_pending:
