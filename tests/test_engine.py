@@ -226,6 +226,8 @@ def test_statistics_are_consistent():
     assert sum((a + 1) * c for a, c in enumerate(hist)) == 4 * (12 - 1)
     assert s["mean_accepted_length"] == pytest.approx(4 * 11 / s["rounds"])
     assert s["target_forwards"] == s["batched_rounds"] + 1
+    # Per round: the catch-up forward and one per drafted level above the leaves.
+    assert s["drafter_forwards"] == s["batched_rounds"] * TREES["tree-25"].depth
     assert s["padding_fraction"] == 0 and 0 <= s["engine_overhead_fraction"] <= 1
     assert 1 <= s["mean_rows_per_round"] <= 4 and s["full_batch_round_model_seconds"] > 0
 

@@ -105,15 +105,16 @@ class SpeculativeEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _timed(self, key: str, fn, *args, **kwargs):
-        """Run a model call, adding its (synchronised, if profiling) duration to the round stats."""
+    def _timed(self, key: str, fn, *args, forwards: int = 1, **kwargs):
+        """Run a model call, adding its (synchronised, if profiling) duration and ``forwards`` forwards
+        to the round stats."""
         if self.profile:
             self._sync()
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         if self.profile:
             self._sync()
-        self.stats.add_model(key, time.perf_counter() - start)
+        self.stats.add_model(key, time.perf_counter() - start, forwards)
         return out
 
     def _law(self, logits: torch.Tensor) -> torch.Tensor:
@@ -506,7 +507,7 @@ class SpeculativeEngine:
             take = lambda x: x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))
         sel = GPTOutput(logits=out.logits, hidden=None if out.hidden is None else take(out.hidden),
                         layers=None if out.layers is None else [take(x) for x in out.layers])
-        return self._timed("drafter", self.drafter.target_features, sel)
+        return self._timed("drafter", self.drafter.target_features, sel, forwards=0)
 
     def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
                       m: torch.Tensor, images: torch.Tensor) -> None:
