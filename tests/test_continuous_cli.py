@@ -122,8 +122,9 @@ def test_public_api_has_the_same_shape(tmp_path):
     again = api.decode(bundle, [1, 2], method="cspd", seed=3, gamma=2, prefill=0.0)
     assert torch.equal(res.tokens, again.tokens)
     assert api.decode(bundle, [1], method="vanilla").stats["target_forwards"] == 64
-    with pytest.raises(ConfigError, match="top_k, top_p and record_drift do not apply to continuous models"):
-        api.decode(bundle, [1], top_k=5)
+    for bad in ({"top_k": 5}, {"max_batch": 1}):
+        with pytest.raises(ConfigError, match="top_k, top_p, record_drift and max_batch do not apply to continuous"):
+            api.decode(bundle, [1], **bad)
     with pytest.raises(ConfigError, match="^model='audio' is not allowed"):
         api.load_bundle(tmp_path, model="audio")
 
