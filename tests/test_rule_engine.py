@@ -98,6 +98,21 @@ def test_walk_matches_induced_law_for_point_mass_children(name):
     assert_close(empirical, exact)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_walk_skips_a_sibling_repeating_a_rejected_token(rows):
+    """DESIGN 4.1 on a hand-made tree [x, x, y] (point masses) where p(x) = 0: x is rejected in every
+    row, its repeat is never tested, y is. One row exercises the all-rows-rejected path."""
+    p, q = laws()
+    p[2] = 0.0
+    p /= p.sum()
+    tree, ps = one_level_tree(torch.tensor([2, 2, 4]).expand(rows, -1), p, q, sampled=False)
+    rule, tested = rule_for("strict"), []
+    real = rule.accept_prob
+    rule.accept_prob = lambda state, x, ctx: tested.append(x.tolist()) or real(state, x, ctx)
+    walk_tree(rule, tree, ps, generator=torch.Generator().manual_seed(0), max_accept=torch.ones(rows, dtype=torch.long))
+    assert tested == [[2] * rows, [4] * rows]
+
+
 @pytest.mark.parametrize("name", [n for n, cls in RULES.items() if not cls.needs_tree])
 def test_walk_matches_induced_law_for_sampled_children(name):
     p, q = laws(1)

@@ -115,8 +115,8 @@ def walk_tree(
             elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
                 idx = rej.nonzero().squeeze(-1)
                 state = state.put(idx, rule.reject(state.rows(idx), x[idx], ctx.rows(idx, batch)))
-                if rejected is not None:
-                    rejected[rows, x] |= rej
+            if n_rej and rejected is not None:
+                rejected[rows, x] |= rej
             if not n_pending:
                 break
         # Rows still pending rejected every valid child: they emit the bonus from the last residual.
