@@ -296,10 +296,9 @@ class SpeculativeEngine:
         """Target forward over the condition tokens (of cache ``rows``, default all); its last output
         gives p_0 and H_0."""
         pos = torch.arange(self.cls, device=self.device)
-        extra = {} if rows is None else {"rows": rows}
         return self._timed("target", self.target.step, self.target.embed_cond(streams), positions=pos, slots=pos,
                            attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
-                           return_layers=self.layers, **extra)
+                           return_layers=self.layers, rows=rows)
 
     def _refill(self, cond: torch.Tensor, rows: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Start the images ``cond`` [k] in batch rows ``rows`` [k]: prefill their condition into those
@@ -462,7 +461,7 @@ class SpeculativeEngine:
             if bool(done.any()):
                 keep = (~done).nonzero().squeeze(-1)
                 images, tokens, m, pend_len = images[keep], tokens[keep], m[keep], pend_len[keep]
-                stream_rows = torch.cat([keep + i * live for i in range(self.reps)])
+                stream_rows = self._rep_rows(keep)
                 feats = feats[stream_rows]
                 self.target.select_rows(stream_rows)
                 self.drafter.select_rows(stream_rows)
