@@ -11,7 +11,7 @@ from cascade_sd.decoding.processing import (
     apply_cfg,
     filter_logits,
     law_from_logits,
-    race_keys,
+    draw_without_replacement,
     sample_from_law,
     target_law,
 )
@@ -119,14 +119,26 @@ def test_node_laws_equal_the_full_target_law_where_read(params):
     assert torch.equal(laws[torch.tensor([2, 2]), torch.tensor([1, 5])], full[[2, 2], [1, 5]])
 
 
-def test_race_keys_draw_without_replacement_from_q():
-    """The top-2 of the race keys is an ordered draw without replacement: P(a, b) = q(a)·q(b)/(1 − q(a)).
+def test_draw_without_replacement_follows_q():
+    """The first two draws are ordered without replacement: P(a, b) = q(a)·q(b)/(1 − q(a)).
     200 000 seeded draws; every ordered pair within five binomial standard errors; q = 0 never drawn."""
     q = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64)
     n = 200_000
-    top = race_keys(q.expand(n, -1), torch.Generator().manual_seed(0)).topk(2, dim=-1)
-    assert bool((top.values > 0).all())
-    counts = torch.bincount(top.indices[:, 0] * 5 + top.indices[:, 1], minlength=25).double() / n
+    tokens, exists = draw_without_replacement(q.expand(n, -1), 2, torch.Generator().manual_seed(0))
+    assert bool(exists.all())
+    counts = torch.bincount(tokens[:, 0] * 5 + tokens[:, 1], minlength=25).double() / n
     exact = (q[:, None] * q[None, :] / (1 - q[:, None])).fill_diagonal_(0.0).flatten()
     se = (exact * (1 - exact) / n).sqrt()
     assert bool(((counts - exact).abs() <= 5 * se + 1e-12).all()), (counts - exact).abs().max()
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_draw_without_replacement_runs_out_past_the_support(k):
+    """Draws past q's support (and past the vocabulary) do not exist; the ones before them are the support."""
+    q = torch.tensor([[0.0, 0.7, 0.0, 0.3], [0.2, 0.2, 0.2, 0.4]], dtype=torch.float64)
+    tokens, exists = draw_without_replacement(q, k, torch.Generator().manual_seed(1))
+    assert tokens.shape == exists.shape == (2, k)
+    assert exists[0].tolist() == [True, True] + [False] * (k - 2)
+    assert exists[1].tolist() == [True] * min(k, 4) + [False] * (k - min(k, 4))
+    assert sorted(tokens[0, :2].tolist()) == [1, 3] and len(set(tokens[1, : min(k, 4)].tolist())) == min(k, 4)
+    assert bool((tokens >= 0).all() & (tokens < 4).all())

@@ -19,9 +19,9 @@ def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
     px = state.p.gather(-1, idx)
     if state.q is None:
         return px.squeeze(-1)
-    qx = state.q.gather(-1, idx)
+    qx = state.q.gather(-1, idx).squeeze(-1)
     # A token the proposal cannot produce was never drawn; it is never accepted.
-    return (px / qx.clamp_min(1e-300)).clamp_(max=1.0).mul_(qx > 0).squeeze(-1)
+    return torch.where(qx > 0, px.squeeze(-1).div_(qx).clamp_(max=1.0), 0.0)
 
 
 def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:
@@ -29,7 +29,7 @@ def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:
     with the proposal losing x (sampling without replacement)."""
     if state.q is None:
         return NodeState(p=normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p), q=None)
-    residual = normalise((state.p - state.q).clamp_min(0.0), state.p)
+    residual = normalise((state.p - state.q).clamp_min_(0.0), state.p)
     return NodeState(p=residual, q=remove_token(state.q, x))
 
 

@@ -33,7 +33,7 @@ from cascade_sd.acceptance.base import AcceptanceRule, TreeView
 from cascade_sd.decoding.processing import (
     NodeLaws,
     SamplingParams,
-    race_keys,
+    draw_without_replacement,
     sample_from_law,
     split_cfg,
     target_law,
@@ -57,18 +57,21 @@ class _Round:
 
 @dataclass(frozen=True)
 class _Level:
-    """One level of a static tree, precomputed once per decode: its nodes, their parents, the
-    distinct parents (``uniq``), the largest sibling count (``kmax``) and, for each node, its entry
-    (parent among ``uniq``, sibling rank) in the level's flattened top-``kmax`` draws (``pick``).
+    """One level of a static tree, precomputed once per decode. Its nodes' parents are drawn from
+    (``uniq`` below: the distinct parents, in node order); each node is entry (parent among ``uniq``,
+    sibling rank) of the level's flattened top-``kmax`` draws (``pick``). The drafter then expands
+    the level's nodes that have children (``expand``; every node for rules that read the tree).
     Consecutive indices are kept as slices: indexing with them is a view, not a gather."""
 
     nodes: slice  # breadth-first order: a level's nodes are consecutive
     parent: torch.Tensor | slice
-    uniq: torch.Tensor | slice
     kmax: int
     pick: torch.Tensor | slice
-    slots: torch.Tensor  # the nodes' drafter scratch slots [L], the same in every row
-    scratch: torch.Tensor  # [L, drafter slots]: the scratch slots of each node's drafted ancestors-or-self
+    uniq_at: torch.Tensor | slice  # where each of ``uniq`` sits among the nodes expanded one level up
+    expand: torch.Tensor | slice
+    expand_parent: torch.Tensor | slice
+    slots: torch.Tensor  # the expanded nodes' drafter scratch slots [E], the same in every row
+    scratch: torch.Tensor  # [E, drafter slots]: the scratch slots of each expanded node's drafted ancestors-or-self
 
 
 class SpeculativeEngine:
@@ -117,6 +120,10 @@ class SpeculativeEngine:
         self.stats.add_model(key, time.perf_counter() - start, forwards)
         return out
 
+    def _target_forward(self, embed, inputs: torch.Tensor, **kwargs) -> GPTOutput:
+        """One timed target forward; embedding its inputs is part of it."""
+        return self._timed("target", lambda: self.target.step(embed(inputs), **kwargs))
+
     def _law(self, logits: torch.Tensor) -> torch.Tensor:
         """Processed law (CFG, temperature, top-k/p) in float64 from [cond; uncond] logits."""
         return target_law(logits, self.params, dtype=torch.float64)
@@ -150,40 +157,37 @@ class SpeculativeEngine:
         logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
         if logits_all is not None:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
+        parents = rnd.q_root[:, None]  # the drafter laws the level's children are drawn from (``uniq_at``)
         for d, level in enumerate(self.static_levels, start=1):
-            nodes, par, uniq = level.nodes, level.parent, level.uniq
+            nodes, uniq_q = level.nodes, parents[:, level.uniq_at]
             if forced is not None:  # analysis: the drafted tokens are given, not sampled
                 tokens[:, nodes] = forced[:, nodes].clamp_min(0)
-                valid[:, nodes] = valid[:, par] & (forced[:, nodes] >= 0)
+                valid[:, nodes] = valid[:, level.parent] & (forced[:, nodes] >= 0)
             elif level.kmax == 1:  # lone children: a without-replacement sample of one is a draw from q
-                tokens[:, nodes] = sample_from_law(q[:, uniq], gen)[:, level.pick]
-                if d > 1:
-                    valid[:, nodes] = valid[:, par]
+                tokens[:, nodes] = sample_from_law(uniq_q, gen)[:, level.pick]
             else:
-                # Children of one node: a without-replacement sample from q in rank order.
-                keys = race_keys(q[:, uniq], gen)
-                if level.kmax > v:  # more ranks than tokens: the surplus children can never be drawn
-                    keys = torch.cat([keys, keys.new_zeros((*keys.shape[:-1], level.kmax - v))], -1)
-                top_keys, top_tok = keys.topk(level.kmax, dim=-1)
-                drawn = top_tok.flatten(1)[:, level.pick]
-                tokens[:, nodes] = drawn.clamp_(max=v - 1) if level.kmax > v else drawn
-                # A rank-0 child always exists (q has mass); later siblings may run out.
-                valid[:, nodes] = valid[:, par] & (top_keys.flatten(1)[:, level.pick] > 0)
+                # Children of one node: a without-replacement sample from q in rank order. A rank-0
+                # child always exists (q has mass); later siblings may run out. The walk never reaches
+                # a child of a node that was not drawn, so a node's own flag is all it needs.
+                drawn, exists = draw_without_replacement(uniq_q, level.kmax, gen)
+                tokens[:, nodes] = drawn.flatten(1)[:, level.pick]
+                valid[:, nodes] = exists.flatten(1)[:, level.pick]
             if d < tree.depth:
-                logits, h_out = self._timed("drafter", self.drafter.step, h[:, par], self._rep(tokens[:, nodes]),
-                                            positions=positions[:, nodes], slots=level.slots,
-                                            attn_mask=committed[:, None, :] | level.scratch)
-                q[:, nodes] = self._law(logits)
-                h[:, nodes] = h_out
+                grow = level.expand
+                logits, h_out = self._timed("drafter", self.drafter.step, h[:, level.expand_parent],
+                                            self._rep(tokens[:, grow]), positions=positions[:, grow],
+                                            slots=level.slots, attn_mask=committed[:, None, :] | level.scratch)
+                parents = q[:, grow] = self._law(logits)
+                h[:, grow] = h_out
                 if logits_all is not None:
-                    logits_all[:, nodes] = split_cfg(logits, self.params)
+                    logits_all[:, grow] = split_cfg(logits, self.params)
         children = self.static_children.expand(b, -1, -1)
         if forced is not None or not self.chain:  # a chain's lone children always exist
             kid_ok = valid.gather(1, children.clamp_min(0).flatten(1)).view_as(children)
             children = torch.where(kid_ok & (children >= 0), children, -1)
         outputs = None
         if logits_all is not None:
-            outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=(depth < tree.depth).expand(b, n1))
+            outputs = DrafterOutputs(logits=logits_all, hidden=h[:b], ran=self.static_ran.expand(b, n1))
         return DraftTree(tokens=tokens, parent=parent.expand(b, n1), depth=depth.expand(b, n1), children=children,
                          q=q, sampled=True, drafter=outputs, ancestors=self.static_anc.expand(b, n1, n1),
                          distinct_siblings=forced is None)
@@ -296,9 +300,9 @@ class SpeculativeEngine:
         """Target forward over the condition tokens (of cache ``rows``, default all); its last output
         gives p_0 and H_0."""
         pos = torch.arange(self.cls, device=self.device)
-        return self._timed("target", self.target.step, self.target.embed_cond(streams), positions=pos, slots=pos,
-                           attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
-                           return_layers=self.layers, rows=rows)
+        return self._target_forward(self.target.embed_cond, streams, positions=pos, slots=pos,
+                                    attn_mask=causal_mask(0, self.cls, self.t_slots, self.device), return_hidden=True,
+                                    return_layers=self.layers, rows=rows)
 
     def _refill(self, cond: torch.Tensor, rows: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Start the images ``cond`` [k] in batch rows ``rows`` [k]: prefill their condition into those
@@ -348,9 +352,9 @@ class SpeculativeEngine:
         t_slot = base[:, None] + torch.arange(n1, device=dev)
         t_mask = self.t_keys[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
         t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
-        out = self._timed("target", self.target.step, self.target.embed_tokens(self._rep(tree.tokens)),
-                          positions=self._rep(t_pos), slots=self._rep(t_slot), attn_mask=self._rep(t_mask),
-                          return_hidden=True, return_layers=self.layers)
+        out = self._target_forward(self.target.embed_tokens, self._rep(tree.tokens), positions=self._rep(t_pos),
+                                   slots=self._rep(t_slot), attn_mask=self._rep(t_mask), return_hidden=True,
+                                   return_layers=self.layers)
         # The walk reads ≤ depth + 1 nodes per row: on trees wider than a chain, compute p only there.
         # Context-aware rules read every node's law.
         lazy = lazy_laws and not self.rule.needs_tree and not self.chain
@@ -526,17 +530,29 @@ class SpeculativeEngine:
                         depth=tree.node_depth[None], children=tree.children[None], q=torch.zeros(1, 1, 1), sampled=True)
         self.static_anc = one.ancestor_mask().to(dev)
         self.static_levels = []
-        for d in range(1, tree.depth + 1):
-            nodes = torch.nonzero(self.static_depth == d).squeeze(-1)
+        levels = [torch.nonzero(self.static_depth == d).squeeze(-1) for d in range(1, tree.depth + 1)]
+        self.static_ran = torch.zeros(tree.size + 1, dtype=torch.bool, device=dev)
+        above = torch.zeros(1, dtype=torch.long, device=dev)  # the nodes the drafter expanded one level up
+        self.static_ran[above] = True
+        for d, nodes in enumerate(levels, start=1):
             parent = self.static_parent[nodes]
             uniq, where = torch.unique(parent, return_inverse=True)
             kmax = int(rank[nodes].max()) + 1
+            # The drafter expands the nodes whose children are drafted; rules that read the drafter's
+            # outputs across the tree (``needs_tree``) get them at every node above the last level.
+            if d == tree.depth:
+                expand = nodes[:0]
+            else:
+                expand = nodes if self.rule.needs_tree else torch.unique(self.static_parent[levels[d]])
+            self.static_ran[expand] = True
             # Drafted node i (i ≥ 1) writes drafter scratch slot n_tokens + i − 1 (the root is committed).
-            scratch = torch.zeros(len(nodes), self.drafter_slots, dtype=torch.bool, device=dev)
-            scratch[:, self.n_tokens : self.n_tokens + tree.size] = self.static_anc[0, nodes, 1:]
-            self.static_levels.append(_Level(nodes=_as_slice(nodes), parent=_as_slice(parent), uniq=_as_slice(uniq),
-                                             kmax=kmax, pick=_as_slice(where * kmax + rank[nodes]),
-                                             slots=self.n_tokens + nodes - 1, scratch=scratch))
+            scratch = torch.zeros(len(expand), self.drafter_slots, dtype=torch.bool, device=dev)
+            scratch[:, self.n_tokens : self.n_tokens + tree.size] = self.static_anc[0, expand, 1:]
+            self.static_levels.append(_Level(
+                nodes=_as_slice(nodes), parent=_as_slice(parent), kmax=kmax, pick=_as_slice(where * kmax + rank[nodes]),
+                uniq_at=_as_slice(torch.searchsorted(above, uniq)), expand=_as_slice(expand),
+                expand_parent=_as_slice(self.static_parent[expand]), slots=self.n_tokens + expand - 1, scratch=scratch))
+            above = expand
 
 
 def _outputs(root: torch.Tensor, spare: int) -> torch.Tensor:
@@ -548,7 +564,9 @@ def _outputs(root: torch.Tensor, spare: int) -> torch.Tensor:
 
 
 def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:
-    """``index`` as a slice when it is a run of consecutive integers, else unchanged."""
+    """``index`` as a slice when it is a run of consecutive integers (or empty), else unchanged."""
+    if not len(index):
+        return slice(0, 0)
     lo = int(index[0])
     return slice(lo, lo + len(index)) if torch.equal(index.cpu(), torch.arange(lo, lo + len(index))) else index
 

@@ -62,34 +62,37 @@ def walk_tree(
     dev = p.device
     rows = torch.arange(batch, device=dev)
     max_depth = int(tree.depth.max())
-    limit = max_accept if max_accept is not None else torch.full((batch,), max_depth, device=dev)
+    # Rows near the end of the grid stop early; most rounds have none, and skip that check.
+    first_limit = max_depth + 1 if max_accept is None else int(max_accept.min()) + 1
     cur = torch.zeros(batch, dtype=torch.long, device=dev)
-    active = torch.ones(batch, dtype=torch.bool, device=dev)
+    active = torch.ones(batch, dtype=torch.bool, device=dev)  # rows that accepted at every depth so far
+    n_active = batch
     accepted = torch.zeros(batch, dtype=torch.long, device=dev)
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
-    n_kids = (tree.children >= 0).sum(-1)  # [B, T+1]
+    kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view_as(tree.children)
+    coins = torch.rand(max_depth, width, batch, generator=generator, dtype=p.dtype, device=dev)  # one per candidate
+    # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
+    track = width > 1 and not tree.distinct_siblings
     visited = [cur]  # the current node after each depth
     for depth in range(1, max_depth + 1):
-        kids = tree.children[rows, cur]
-        kid_ok, kid_tok = kids >= 0, tree.tokens.gather(1, kids.clamp_min(0))  # [B, K]
+        kids, kid_tok = tree.children[rows, cur], kid_tokens[rows, cur]  # [B, K]
+        kid_ok = kids >= 0
         extras = rule.node_extras(prepared, view, cur, kids) if view is not None else {}
-        ctx = NodeContext(depth=depth, n_candidates=n_kids[rows, cur], extras=extras)
-        walking = active & kid_ok[:, 0] & (accepted < limit)
+        ctx = NodeContext(depth=depth, n_candidates=kid_ok.sum(-1), extras=extras)
+        walking = active & kid_ok[:, 0]
+        if depth >= first_limit:  # active rows have accepted depth − 1 tokens
+            walking &= max_accept >= depth
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
-        # Rows at a leaf or at their limit emit the bonus token from the fresh node law.
-        stop = active & ~walking
-        if stop.any():
-            bonus = _draw(stop, rule.bonus_law(state, ctx), bonus, generator)
-            active &= ~stop
-        n_pending = int(walking.sum())  # rows still trying this node's children
-        if not n_pending:
+        n_walk = n_pending = int(walking.sum())  # rows still trying this node's children
+        if n_walk < n_active:  # rows at a leaf or at their limit emit the bonus from the fresh node law
+            bonus = _draw(active & ~walking, rule.bonus_law(state, ctx), bonus, generator)
+        if not n_walk:
+            n_active = 0
             break
         if visit is not None:
             visit(walking.nonzero().squeeze(-1), cur, ctx)
         pending = walking
-        # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
-        track = width > 1 and not tree.distinct_siblings
         rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if track else None
         for k in range(width):
             node, x = kids[:, k], kid_tok[:, k]
@@ -101,31 +104,29 @@ def walk_tree(
                 n_valid = int(valid.sum())
                 if not n_valid:
                     continue
-            a = rule.accept_prob(state, x, ctx)
-            coin = torch.rand(batch, generator=generator, dtype=a.dtype, device=dev)
-            acc = valid & (coin < a)
+            acc = valid & (coins[depth - 1, k] < rule.accept_prob(state, x, ctx))
             cur = torch.where(acc, node, cur)
-            missed = ~acc
-            pending = pending & missed
-            rej = valid & missed
-            n_rej = int(rej.sum())
-            n_pending -= n_valid - n_rej
+            pending = pending ^ acc  # accepted rows were pending: this clears them
+            n_acc = int(acc.sum())
+            n_rej = n_valid - n_acc
+            n_pending -= n_acc
             if n_rej == batch:
                 state = rule.reject(state, x, ctx)
             elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
-                idx = rej.nonzero().squeeze(-1)
+                idx = (valid ^ acc).nonzero().squeeze(-1)
                 state = state.put(idx, rule.reject(state.rows(idx), x[idx], ctx.rows(idx, batch)))
             if n_rej and rejected is not None:
-                rejected[rows, x] |= rej
+                rejected[rows, x] |= valid ^ acc
             if not n_pending:
                 break
         # Rows still pending rejected every valid child: they emit the bonus from the last residual.
+        active, n_active = walking, n_walk - n_pending
         if n_pending:
             bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
-            active &= ~pending
-        accepted += walking & ~pending
+            active = walking ^ pending
+        accepted += active
         visited.append(cur)
-    if active.any():
+    if n_active:
         ctx = NodeContext(depth=max_depth + 1)
         fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
