@@ -91,3 +91,21 @@ def test_drafted_siblings_are_distinct_as_the_tree_declares(tree):
             assert valid.unique().numel() == valid.numel(), (row, node, valid)
             checked += 1
     assert checked >= 20 if tree != "chain-4" else checked == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["strict", "cascade"])
+def test_static_drafting_expands_the_nodes_with_children(method):
+    """The drafter runs at the nodes whose children it drafts; a rule that reads the drafter's outputs
+    across the tree (CASCADE's breadth signal) gets them at every node above the last level."""
+    bundle = api.load_bundle("toy:vocab=9,len=12,seed=2")
+    tree = StaticTree.preset("tree-25")
+    rule = get_rule(method)
+    engine = SpeculativeEngine(bundle.target, bundle.drafters["eagle"], rule, tree, SamplingParams(cfg_scale=2.5))
+    draft, _, _, _ = engine.round_at(torch.tensor([1]), torch.tensor([[3, 1, 4, 1]]),
+                                     generator=torch.Generator().manual_seed(0))
+    ran = draft.q[0].sum(-1) > 0.5
+    want = tree.node_depth < tree.depth if rule.needs_tree else (tree.children >= 0).any(-1)
+    assert ran.tolist() == want.tolist()
+    if rule.needs_tree:
+        assert draft.drafter.ran[0].tolist() == want.tolist()

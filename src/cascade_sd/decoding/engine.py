@@ -57,17 +57,18 @@ class _Round:
 
 @dataclass(frozen=True)
 class _Level:
-    """One level of a static tree, precomputed once per decode. Its nodes' parents are drawn from
-    (``uniq`` below: the distinct parents, in node order); each node is entry (parent among ``uniq``,
-    sibling rank) of the level's flattened top-``kmax`` draws (``pick``). The drafter then expands
-    the level's nodes that have children (``expand``; every node for rules that read the tree).
+    """One level of a static tree, precomputed once per decode. Its nodes are drawn from the laws of
+    their distinct parents (``uniq``, in node order; ``uniq_at`` locates them among the nodes
+    expanded one level up); node i is entry (its parent among ``uniq``, its sibling rank) of the
+    level's flattened top-``kmax`` draws (``pick``). The drafter then expands the level's nodes that
+    have children (``expand``; every node when the rule reads the tree's drafter outputs).
     Consecutive indices are kept as slices: indexing with them is a view, not a gather."""
 
     nodes: slice  # breadth-first order: a level's nodes are consecutive
     parent: torch.Tensor | slice
     kmax: int
     pick: torch.Tensor | slice
-    uniq_at: torch.Tensor | slice  # where each of ``uniq`` sits among the nodes expanded one level up
+    uniq_at: torch.Tensor | slice
     expand: torch.Tensor | slice
     expand_parent: torch.Tensor | slice
     slots: torch.Tensor  # the expanded nodes' drafter scratch slots [E], the same in every row
