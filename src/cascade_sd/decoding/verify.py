@@ -92,7 +92,7 @@ def walk_tree(
             break
         if visit is not None:
             visit(walking.nonzero().squeeze(-1), cur, ctx)
-        pending = walking
+        pending, bonus_drawn = walking, False
         rejected = torch.zeros(batch, vocab, dtype=torch.bool, device=dev) if track else None
         for k in range(width):
             node, x = kids[:, k], kid_tok[:, k]
@@ -114,7 +114,13 @@ def walk_tree(
                 state = rule.reject(state, x, ctx)
             elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
                 idx = (valid ^ acc).nonzero().squeeze(-1)
-                state = state.put(idx, rule.reject(state.rows(idx), x[idx], ctx.rows(idx, batch)))
+                sub_ctx = ctx.rows(idx, batch)
+                residual = rule.reject(state.rows(idx), x[idx], sub_ctx)
+                if k == width - 1 and n_rej == n_pending:  # they are the rows left: their bonus, as below
+                    bonus = bonus.index_put((idx,), sample_from_law(rule.bonus_law(residual, sub_ctx), generator))
+                    bonus_drawn = True
+                else:
+                    state = state.put(idx, residual)
             if n_rej and rejected is not None:
                 rejected[rows, x] |= valid ^ acc
             if not n_pending:
@@ -122,7 +128,8 @@ def walk_tree(
         # Rows still pending rejected every valid child: they emit the bonus from the last residual.
         active, n_active = walking, n_walk - n_pending
         if n_pending:
-            bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
+            if not bonus_drawn:
+                bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
             active = walking ^ pending
         accepted += active
         visited.append(cur)
