@@ -110,10 +110,11 @@ def walk_tree(
             n_acc = int(acc.sum())
             n_rej = n_valid - n_acc
             n_pending -= n_acc
+            rej = valid ^ acc if n_rej else None  # accepted rows were valid
             if n_rej == batch:
                 state = rule.reject(state, x, ctx)
             elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
-                idx = (valid ^ acc).nonzero().squeeze(-1)
+                idx = rej.nonzero().squeeze(-1)
                 sub_ctx = ctx.rows(idx, batch)
                 residual = rule.reject(state.rows(idx), x[idx], sub_ctx)
                 if k == width - 1 and n_rej == n_pending:  # they are the rows left: their bonus, as below
@@ -121,8 +122,8 @@ def walk_tree(
                     bonus_drawn = True
                 else:
                     state = state.put(idx, residual)
-            if n_rej and rejected is not None:
-                rejected[rows, x] |= valid ^ acc
+            if rej is not None and rejected is not None:
+                rejected[rows, x] |= rej
             if not n_pending:
                 break
         # Rows still pending rejected every valid child: they emit the bonus from the last residual.
