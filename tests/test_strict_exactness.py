@@ -293,6 +293,18 @@ def test_one_step_matches_reference(pq, data):
         assert max_abs(nxt.p[0], as_tensor(ref.point_residual(p, x))) <= TOL
 
 
+def test_sampled_edges_are_exact():
+    """A token the proposal cannot produce is never accepted (0, not NaN, also where p = 0), p ≥ q
+    accepts with probability exactly 1, and a proposal that loses its last token has no mass left."""
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.0, 0.3, 0.7]], dtype=torch.float64)
+    state = STRICT.start(p, q, True, CTX)
+    probs = [STRICT.accept_prob(state, torch.tensor([x]), CTX).item() for x in range(4)]
+    assert probs == [0.0, 0.0, 1.0, 0.2 / 0.7]
+    last = NodeState(p=p, q=torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64))
+    assert STRICT.reject(last, torch.tensor([3]), CTX).q.tolist() == [[0.0, 0.0, 0.0, 0.0]]
+
+
 # --- 4. greedy ---------------------------------------------------------------------------------
 
 

@@ -155,7 +155,7 @@ def remove_token(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``law`` with each row's token ``x`` zeroed and the row renormalised (all-zero if nothing is left)."""
     out = law.scatter(-1, x.unsqueeze(-1), 0.0)
     total = out.sum(-1, keepdim=True)
-    return torch.where(total > MASS_EPS, out.div_(total.clamp_min(MASS_EPS)), 0.0)
+    return out.div_(total.clamp_min(MASS_EPS)).mul_(total > MASS_EPS)  # finite quotients: × 0 clears them
 
 
 def gather(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,11 @@ def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
     px = state.p.gather(-1, idx)
     if state.q is None:
         return px.squeeze(-1)
-    qx = state.q.gather(-1, idx).squeeze(-1)
-    # A token the proposal cannot produce was never drawn; it is never accepted.
-    return torch.where(qx > 0, px.squeeze(-1).div_(qx).clamp_(max=1.0), 0.0)
+    qx = state.q.gather(-1, idx)
+    # min(p, q)/q = min(1, p/q) for q > 0, and 0 for q = 0: a token the proposal cannot produce is
+    # never accepted. The denominator is raised to the smallest normal float, which only a q that is
+    # never drawn in practice (< 2.2e-308 in float64) lies below; no where is needed.
+    return torch.minimum(px, qx).div_(qx.clamp_min(torch.finfo(qx.dtype).tiny)).squeeze(-1)
 
 
 def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:

@@ -155,6 +155,7 @@ class SpeculativeEngine:
         committed = self._drafter_committed(m_streams)
         positions = (self.cls + m_streams - 1)[:, None] + depth  # depth-based positions of every node
         positions.clamp_(max=self.max_pos)
+        seen = committed[:, None, :]  # every expanded node's drafter mask: these slots and its scratch
         logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
         if logits_all is not None:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
@@ -177,7 +178,7 @@ class SpeculativeEngine:
                 grow = level.expand
                 logits, h_out = self._timed("drafter", self.drafter.step, h[:, level.expand_parent],
                                             self._rep(tokens[:, grow]), positions=positions[:, grow],
-                                            slots=level.slots, attn_mask=committed[:, None, :] | level.scratch)
+                                            slots=level.slots, attn_mask=seen | level.scratch)
                 parents = q[:, grow] = self._law(logits)
                 h[:, grow] = h_out
                 if logits_all is not None:
@@ -450,7 +451,7 @@ class SpeculativeEngine:
             feats = self._commit(tokens, tree, walk, m, out)
             m, pend_len = m + a + 1, a + 1
             done = m >= n
-            if bool(done.any()):  # 6. finished images hand their rows to queued ones, or leave the batch
+            if any(done.tolist()):  # 6. finished images hand their rows to queued ones, or leave the batch
                 result[images[done]] = tokens[done, :n]
                 rows = done.nonzero().squeeze(-1)[: total - queued]
                 if rows.numel():
@@ -463,7 +464,7 @@ class SpeculativeEngine:
                     tokens[rows, 0] = first
                     m[rows], pend_len[rows], done[rows] = 1, 1, False
                     feats[self._rep_rows(rows), 0] = feat
-            if bool(done.any()):
+            if any(done.tolist()):
                 keep = (~done).nonzero().squeeze(-1)
                 images, tokens, m, pend_len = images[keep], tokens[keep], m[keep], pend_len[keep]
                 stream_rows = self._rep_rows(keep)

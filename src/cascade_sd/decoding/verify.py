@@ -28,9 +28,15 @@ class WalkResult:
     last_node: torch.Tensor
 
 
+def _count(mask: torch.Tensor) -> int:
+    """Number of true entries of a small bool vector, counted in Python: a fraction of the cost of a
+    tensor reduction plus ``item`` on the batch sizes a walk sees."""
+    return sum(mask.tolist())
+
+
 def _draw(mask: torch.Tensor, law: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Sample from ``law`` only for rows in ``mask``, writing into a copy of ``out``."""
-    if bool(mask.all()):  # the same draws as below, without the row selection
+    if all(mask.tolist()):  # the same draws as below, without the row selection
         return sample_from_law(law, generator)
     idx = mask.nonzero().squeeze(-1)
     out = out.clone()
@@ -71,7 +77,8 @@ def walk_tree(
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
     kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view_as(tree.children)
-    coins = torch.rand(max_depth, width, batch, generator=generator, dtype=p.dtype, device=dev)  # one per candidate
+    # One coin per candidate, candidate k at depth d in entry (d − 1)·width + k.
+    coins = torch.rand(max_depth * width, batch, generator=generator, dtype=p.dtype, device=dev).unbind(0)
     # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
     track = width > 1 and not tree.distinct_siblings
     visited = [cur]  # the current node after each depth
@@ -84,7 +91,7 @@ def walk_tree(
         if depth >= first_limit:  # active rows have accepted depth − 1 tokens
             walking &= max_accept >= depth
         state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
-        n_walk = n_pending = int(walking.sum())  # rows still trying this node's children
+        n_walk = n_pending = _count(walking)  # rows still trying this node's children
         if n_walk < n_active:  # rows at a leaf or at their limit emit the bonus from the fresh node law
             bonus = _draw(active & ~walking, rule.bonus_law(state, ctx), bonus, generator)
         if not n_walk:
@@ -101,13 +108,13 @@ def walk_tree(
                 valid = pending & kid_ok[:, k]
                 if rejected is not None:
                     valid &= ~rejected[rows, x]
-                n_valid = int(valid.sum())
+                n_valid = _count(valid)
                 if not n_valid:
                     continue
-            acc = valid & (coins[depth - 1, k] < rule.accept_prob(state, x, ctx))
+            acc = valid & (coins[(depth - 1) * width + k] < rule.accept_prob(state, x, ctx))
             cur = torch.where(acc, node, cur)
             pending = pending ^ acc  # accepted rows were pending: this clears them
-            n_acc = int(acc.sum())
+            n_acc = _count(acc)
             n_rej = n_valid - n_acc
             n_pending -= n_acc
             rej = valid ^ acc if n_rej else None  # accepted rows were valid

@@ -38,7 +38,7 @@ class RoundStats:
     in the totals but never in the engine-overhead share of round time.
     """
 
-    accepted: list[np.ndarray] = field(default_factory=list)
+    accepted: list[torch.Tensor] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
     round_model_seconds: list[float] = field(default_factory=list)
     computed_rows: list[int] = field(default_factory=list)
@@ -59,8 +59,9 @@ class RoundStats:
 
     def record_round(self, accepted: torch.Tensor, seconds: float, *, computed_rows: int) -> None:
         """Close a batched round: accepted counts of its live rows, its wall time and the rows its
-        forwards computed (live rows plus any finished rows riding along as padding)."""
-        self.accepted.append(accepted.detach().cpu().numpy())
+        forwards computed (live rows plus any finished rows riding along as padding). The counts stay
+        tensors until ``summary``: no per-round conversion (nor, on a GPU, a per-round copy)."""
+        self.accepted.append(accepted)
         self.round_seconds.append(seconds)
         self.round_model_seconds.append(self._in_round)
         self.computed_rows.append(computed_rows)
@@ -74,7 +75,7 @@ class RoundStats:
         rows, the per-round draft + verify cost of the speedup cost model (DESIGN 7).
         """
         images = batch if images is None else images
-        acc = np.concatenate(self.accepted) if self.accepted else np.zeros(0, dtype=np.int64)
+        acc = torch.cat(self.accepted).detach().cpu().numpy() if self.accepted else np.zeros(0, dtype=np.int64)
         round_total = float(sum(self.round_seconds))
         model_in_rounds = float(sum(self.round_model_seconds))
         full = [m for m, rows in zip(self.round_model_seconds, self.computed_rows) if rows == batch]
