@@ -142,13 +142,8 @@ class SpeculativeEngine:
         tree: StaticTree = self.tree
         b, v = rnd.q_root.shape
         n1 = tree.size + 1
-        tokens = torch.zeros(b, n1, dtype=torch.long, device=self.device)
-        tokens[:, 0] = root_tok
-        q = torch.zeros(b, n1, v, dtype=torch.float64, device=self.device)
-        q[:, 0] = rnd.q_root
-        h = torch.zeros(rnd.h_root.shape[0], n1, rnd.h_root.shape[-1], dtype=rnd.h_root.dtype, device=self.device)
-        h[:, 0] = rnd.h_root
-        valid = torch.ones(b, n1, dtype=torch.bool, device=self.device)
+        tokens, valid, q, h = self._static_buffers(rnd)
+        tokens[:, 0], q[:, 0], h[:, 0] = root_tok, rnd.q_root, rnd.h_root
         parent, depth = self.static_parent, self.static_depth
         # Per stream row: the committed slots every drafted node sees, and the root's position.
         m_streams = self._rep(m)
@@ -161,23 +156,23 @@ class SpeculativeEngine:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
         parents = rnd.q_root[:, None]  # the drafter laws the level's children are drawn from (``uniq_at``)
         for d, level in enumerate(self.static_levels, start=1):
-            nodes, uniq_q = level.nodes, parents[:, level.uniq_at]
+            nodes, uniq_q = level.nodes, _take(parents, level.uniq_at)
             if forced is not None:  # analysis: the drafted tokens are given, not sampled
                 tokens[:, nodes] = forced[:, nodes].clamp_min(0)
-                valid[:, nodes] = valid[:, level.parent] & (forced[:, nodes] >= 0)
+                valid[:, nodes] = _take(valid, level.parent) & (forced[:, nodes] >= 0)
             elif level.kmax == 1:  # lone children: a without-replacement sample of one is a draw from q
-                tokens[:, nodes] = sample_from_law(uniq_q, gen)[:, level.pick]
+                tokens[:, nodes] = _take(sample_from_law(uniq_q, gen), level.pick)
             else:
                 # Children of one node: a without-replacement sample from q in rank order. A rank-0
                 # child always exists (q has mass); later siblings may run out. The walk never reaches
                 # a child of a node that was not drawn, so a node's own flag is all it needs.
                 drawn, exists = draw_without_replacement(uniq_q, level.kmax, gen)
-                tokens[:, nodes] = drawn.flatten(1)[:, level.pick]
-                valid[:, nodes] = exists.flatten(1)[:, level.pick]
+                tokens[:, nodes] = _take(drawn.flatten(1), level.pick)
+                valid[:, nodes] = _take(exists.flatten(1), level.pick)
             if d < tree.depth:
                 grow = level.expand
-                logits, h_out = self._timed("drafter", self.drafter.step, h[:, level.expand_parent],
-                                            self._rep(tokens[:, grow]), positions=positions[:, grow],
+                logits, h_out = self._timed("drafter", self.drafter.step, _take(h, level.expand_parent),
+                                            self._rep(_take(tokens, grow)), positions=_take(positions, grow),
                                             slots=level.slots, attn_mask=seen | level.scratch)
                 parents = q[:, grow] = self._law(logits)
                 h[:, grow] = h_out
@@ -273,6 +268,23 @@ class SpeculativeEngine:
         return DraftTree(tokens=tokens, parent=parent, depth=depth, children=_children_from_parent(parent, k),
                          q=q, sampled=False, drafter=outputs, ancestors=ancestors, distinct_siblings=True)
 
+    def _static_buffers(self, rnd: _Round) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A static tree's tokens and validity flags [rows, T+1], drafter laws [rows, T+1, V] and
+        features [stream rows, T+1, D]: allocated at the first round of a decode, then reused (the
+        live rows' views). Every round writes the root and all drafted and expanded nodes; what it
+        never writes keeps its initial value: zero laws and features at the leaves, true flags of
+        lone children."""
+        b, v = rnd.q_root.shape
+        if self.draft_buffers is None:
+            n1, dev = self.tree.size + 1, self.device
+            h = rnd.h_root
+            self.draft_buffers = (torch.zeros(b, n1, dtype=torch.long, device=dev),
+                                  torch.ones(b, n1, dtype=torch.bool, device=dev),
+                                  torch.zeros(b, n1, v, dtype=torch.float64, device=dev),
+                                  torch.zeros(h.shape[0], n1, h.shape[-1], dtype=h.dtype, device=dev))
+        tokens, valid, q, h = self.draft_buffers
+        return tokens[:b], valid[:b], q[:b], h[: rnd.h_root.shape[0]]
+
     # ------------------------------------------------------------------ round phases
     def _setup(self, cond: torch.Tensor) -> torch.Tensor:
         """Allocate both caches for ``cond`` [B] and return the condition streams ([cond; null] with CFG)."""
@@ -284,6 +296,7 @@ class SpeculativeEngine:
         scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
         self.drafter_slots = self.n_tokens + scratch + 1
         self.drafter_keys = torch.arange(self.drafter_slots, device=self.device)
+        self.draft_buffers = None
         if isinstance(self.tree, StaticTree):
             self._prepare_static()
         streams = with_null_condition(target, cond.to(self.device), self.params)
@@ -563,6 +576,11 @@ def _outputs(root: torch.Tensor, spare: int) -> torch.Tensor:
     out = root.new_empty(root.shape[0], spare + 1, *root.shape[1:])
     out[:, 0], out[:, spare] = root, 0
     return out
+
+
+def _take(x: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    """``x[:, index]``: a view for a slice, ``index_select`` (cheaper than advanced indexing) otherwise."""
+    return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
 
 
 def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:

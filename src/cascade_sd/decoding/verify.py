@@ -73,12 +73,11 @@ def walk_tree(
     cur = torch.zeros(batch, dtype=torch.long, device=dev)
     active = torch.ones(batch, dtype=torch.bool, device=dev)  # rows that accepted at every depth so far
     n_active = batch
-    accepted = torch.zeros(batch, dtype=torch.long, device=dev)
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
     kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view_as(tree.children)
     # One coin per candidate, candidate k at depth d in entry (d − 1)·width + k.
-    coins = torch.rand(max_depth * width, batch, generator=generator, dtype=p.dtype, device=dev).unbind(0)
+    coins = torch.rand(max_depth * width, batch, generator=generator, dtype=p.dtype, device=dev)
     # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
     track = width > 1 and not tree.distinct_siblings
     visited = [cur]  # the current node after each depth
@@ -139,13 +138,13 @@ def walk_tree(
             if not bonus_drawn:
                 bonus = _draw(pending, rule.bonus_law(state, ctx), bonus, generator)
             active = walking ^ pending
-        accepted += active
         visited.append(cur)
     if n_active:
         ctx = NodeContext(depth=max_depth + 1)
         fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
     visited += [cur] * (max_depth + 1 - len(visited))
+    accepted = tree.depth.gather(1, cur[:, None]).squeeze(1)  # each accept moved one level down
     steps = torch.arange(max_depth + 1, device=dev)
     path = torch.stack(visited, 1).masked_fill_(steps[None] > accepted[:, None], -1)
     return WalkResult(path=path, accepted=accepted, bonus=bonus, last_node=cur)
