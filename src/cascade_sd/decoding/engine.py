@@ -301,7 +301,9 @@ class SpeculativeEngine:
             self._prepare_static()
         streams = with_null_condition(target, cond.to(self.device), self.params)
         self.t_slots = self.cls + self.n_tokens + self.tree.size
-        self.t_keys = torch.arange(self.t_slots, device=self.device)
+        # 0, 1, 2, …: every per-round index range is a slice of it (a view, not a new tensor).
+        self.iota = torch.arange(max(self.t_slots, streams.shape[0]), device=self.device)
+        self.t_keys = self.iota[: self.t_slots]
         # A chain's accepted path is nodes 1..a, already in consecutive slots: nothing to compact.
         self.chain = isinstance(self.tree, StaticTree) and self.tree.size == self.tree.depth
         target.setup_cache(streams.shape[0], self.t_slots, device=self.device)
@@ -341,30 +343,30 @@ class SpeculativeEngine:
 
     def _catch_up(self, feats: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, pend_len: torch.Tensor) -> _Round:
         """Drafter forward over the ``pend_len`` tokens committed last, from real target features."""
-        n, dev = self.n_tokens, self.device
+        n = self.n_tokens
         trash = self.drafter_slots - 1
         width = feats.shape[1]
-        j = (m - pend_len)[:, None] + torch.arange(width, device=dev)
-        ok = torch.arange(width, device=dev)[None] < pend_len[:, None]
+        steps = self.iota[:width]
+        j = (m - pend_len)[:, None] + steps
+        ok = steps < pend_len[:, None]
         slots = torch.where(ok, j, trash)
         keys = self.drafter_keys
         # Committed tokens see every committed slot up to their own; padding sees only the trash slot.
         mask = ((keys <= j[..., None]) & ok[..., None]) | (keys == slots[..., None])
         logits, h = self._drafter_step(feats, tokens.gather(1, j.clamp(0, n - 1)), (self.cls + j).clamp(max=self.max_pos),
                                        slots, mask)
-        rows_r = torch.arange(feats.shape[0], device=dev)
-        last = self._rep((pend_len - 1).clamp_min(0))
-        root_logits = logits[rows_r, last]
-        return _Round(q_root=self._law(root_logits), h_root=h[rows_r, last], logits_root=root_logits)
+        # Each stream row's last committed token, at flat index row·width + its last step.
+        last = self.iota[: feats.shape[0]] * width + self._rep((pend_len - 1).clamp_min(0))
+        root_logits = logits.flatten(0, 1).index_select(0, last)
+        return _Round(q_root=self._law(root_logits), h_root=h.flatten(0, 1).index_select(0, last), logits_root=root_logits)
 
     def _verify(self, tree: DraftTree, m: torch.Tensor, *, lazy_laws: bool = True):
         """One target forward over root + drafted nodes (tree attention, depth-based positions); the
         target laws as a tensor, or as ``NodeLaws`` (computed where the walk reads) when ``lazy_laws``."""
         b, n1 = tree.tokens.shape
-        dev = self.device
         base = self.cls + m - 1
         t_pos = (base[:, None] + tree.depth).clamp(max=self.max_pos)
-        t_slot = base[:, None] + torch.arange(n1, device=dev)
+        t_slot = base[:, None] + self.iota[:n1]
         t_mask = self.t_keys[None, None].expand(b, n1, self.t_slots) < base[:, None, None]
         t_mask = t_mask.scatter(2, t_slot[:, None].expand(b, n1, n1), tree.ancestor_mask())
         out = self._target_forward(self.target.embed_tokens, self._rep(tree.tokens), positions=self._rep(t_pos),
@@ -453,7 +455,7 @@ class SpeculativeEngine:
             self.live = live = images.numel()
             # 1. Drafter catch-up; 2. draft tree; 3. one target forward over the tree.
             rnd = self._catch_up(feats, tokens, m, pend_len)
-            tree = self._draft(rnd, tokens[torch.arange(live, device=dev), m - 1], m, generator)
+            tree = self._draft(rnd, tokens[self.iota[:live], m - 1], m, generator)
             out, p, view, prepared = self._verify(tree, m)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
             visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images)
@@ -496,9 +498,9 @@ class SpeculativeEngine:
     def _commit(self, tokens, tree: DraftTree, walk, m: torch.Tensor, out):
         """Write accepted tokens + bonus into ``tokens`` (in place), move the accepted path's KV entries
         into consecutive slots (no recompute) and return the drafter's next input features."""
-        dev, a = self.device, walk.accepted
+        a = walk.accepted
         width = int(a.max()) + 1
-        steps = torch.arange(width, device=dev)
+        steps = self.iota[:width]
         path = walk.path[:, :width].clamp_min(0)
         path_tok = tree.tokens.gather(1, path)
         new_tok = torch.where(steps == a[:, None], walk.bonus[:, None], path_tok.roll(-1, 1))

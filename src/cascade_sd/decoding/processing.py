@@ -136,7 +136,11 @@ class NodeLaws:
 
     def __getitem__(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         rows, nodes = index
-        picked = self.flat.index_select(1, rows * self.shape[1] + nodes)
+        return self.at(rows * self.shape[1] + nodes)
+
+    def at(self, flat: torch.Tensor) -> torch.Tensor:
+        """The laws at flat (row, node) indices row·(T+1) + node [K] → [K, V]."""
+        picked = self.flat.index_select(1, flat)
         guided = apply_cfg(picked[0], picked[1], self.params.cfg_scale) if self.params.uses_cfg else picked[0]
         return law_from_logits(guided, self.params, self.dtype)
 

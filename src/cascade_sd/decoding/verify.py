@@ -9,6 +9,7 @@ the rule's final law. Vectorised over the batch: every row walks its own tree at
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -66,7 +67,6 @@ def walk_tree(
     """
     batch, n_nodes, vocab = p.shape
     dev = p.device
-    rows = torch.arange(batch, device=dev)
     max_depth = int(tree.depth.max())
     # Rows near the end of the grid stop early; most rounds have none, and skip that check.
     first_limit = max_depth + 1 if max_accept is None else int(max_accept.min()) + 1
@@ -75,21 +75,29 @@ def walk_tree(
     n_active = batch
     bonus = torch.zeros(batch, dtype=torch.long, device=dev)
     width = tree.children.shape[-1]
-    kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view_as(tree.children)
+    # Per-node reads go through one flat (row, node) index, base + cur: index_select on [B·(T+1), ...]
+    # views costs a fraction of indexing with two index tensors.
+    base = torch.arange(0, batch * n_nodes, n_nodes, device=dev)
+    children = tree.children.reshape(batch * n_nodes, width)
+    kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view(batch * n_nodes, width)
+    q_flat = tree.q.reshape(batch * n_nodes, -1)
+    law_at = p.at if isinstance(p, NodeLaws) else partial(torch.index_select, p.reshape(batch * n_nodes, vocab), 0)
     # One coin per candidate, candidate k at depth d in entry (d − 1)·width + k.
     coins = torch.rand(max_depth * width, batch, generator=generator, dtype=p.dtype, device=dev)
     # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
     track = width > 1 and not tree.distinct_siblings
+    rows = torch.arange(batch, device=dev) if track else None
     visited = [cur]  # the current node after each depth
     for depth in range(1, max_depth + 1):
-        kids, kid_tok = tree.children[rows, cur], kid_tokens[rows, cur]  # [B, K]
+        at = base + cur
+        kids, kid_tok = children.index_select(0, at), kid_tokens.index_select(0, at)  # [B, K]
         kid_ok = kids >= 0
         extras = rule.node_extras(prepared, view, cur, kids) if view is not None else {}
         ctx = NodeContext(depth=depth, n_candidates=kid_ok.sum(-1), extras=extras)
         walking = active & kid_ok[:, 0]
         if depth >= first_limit:  # active rows have accepted depth − 1 tokens
             walking &= max_accept >= depth
-        state = rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx)
+        state = rule.start(law_at(at), q_flat.index_select(0, at), tree.sampled, ctx)
         n_walk = n_pending = _count(walking)  # rows still trying this node's children
         if n_walk < n_active:  # rows at a leaf or at their limit emit the bonus from the fresh node law
             bonus = _draw(active & ~walking, rule.bonus_law(state, ctx), bonus, generator)
@@ -141,7 +149,8 @@ def walk_tree(
         visited.append(cur)
     if n_active:
         ctx = NodeContext(depth=max_depth + 1)
-        fresh = rule.bonus_law(rule.start(p[rows, cur], tree.q[rows, cur], tree.sampled, ctx), ctx)
+        at = base + cur
+        fresh = rule.bonus_law(rule.start(law_at(at), q_flat.index_select(0, at), tree.sampled, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
     visited += [cur] * (max_depth + 1 - len(visited))
     accepted = tree.depth.gather(1, cur[:, None]).squeeze(1)  # each accept moved one level down
