@@ -106,6 +106,20 @@ def test_induced_law_is_a_distribution_within_the_declared_bound(name, inputs):
         assert tv(law, p) <= float(bound[0]) + TOL
 
 
+@pytest.mark.parametrize("name", ["strict", *RELAXED])
+@given(node_inputs(), st.integers(0, 7))
+@fast(30)
+def test_bonus_after_reject_is_the_bonus_law_of_the_rejected_state(name, inputs, token):
+    """The walk draws the bonus after a rejected last sibling from ``bonus_after_reject``: the same
+    law as ``bonus_law`` of ``reject``'s state, for point-mass and sampled candidates."""
+    p, q, n, sampled, ctx = inputs
+    rule = make(name, p.shape[-1], **STRONG.get(name, {}))
+    x = torch.tensor([token % p.shape[-1]])
+    ctx_n = NodeContext(depth=ctx.depth, n_candidates=n, extras=ctx.extras)
+    state = rule.start(p.unsqueeze(0), q.unsqueeze(0), sampled, ctx_n)
+    assert torch.equal(rule.bonus_after_reject(state, x, ctx_n), rule.bonus_law(rule.reject(state, x, ctx_n), ctx_n))
+
+
 @pytest.mark.parametrize("name", [n for n in RELAXED if n != "gsd"])  # GSD: see test_gsd_is_not_monotone…
 @given(node_inputs(), st.integers(0, 7))
 @fast(40)

@@ -3,9 +3,11 @@
 At a tree node a rule holds the residual target law ``p_j`` and, for sampled siblings, the
 proposal ``q_j`` the next candidate is drawn from (``None`` for point-mass candidates). For each
 candidate child it answers ``accept_prob``; on rejection ``reject`` returns the next state; after
-the last sibling the bonus token is drawn from ``bonus_law``. Everything is batched over rows
-([B, V] laws, [B] candidates) so the engine walks all images of a batch at once, and the exact
-induced law of a node is computed by enumerating outcomes through these same methods.
+the last sibling the bonus token is drawn from ``bonus_law`` (of ``reject``'s state when that
+sibling was rejected: ``bonus_after_reject``, which a rule may compute without the next
+proposal). Everything is batched over rows ([B, V] laws, [B] candidates) so the engine walks all
+images of a batch at once, and the exact induced law of a node is computed by enumerating
+outcomes through these same methods.
 """
 
 from __future__ import annotations
@@ -223,6 +225,12 @@ class AcceptanceRule(ABC):
     def bonus_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
         """Law [B, V] of the token emitted after every sibling was rejected (or at a leaf)."""
         return state.p
+
+    def bonus_after_reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
+        """``bonus_law`` of ``reject``'s state: the bonus law once the last candidate ``x`` [B] was
+        rejected. A rule may override it to skip what only a further sibling would read (the next
+        proposal); it must return the same law."""
+        return self.bonus_law(self.reject(state, x, ctx), ctx)
 
     def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor | None:
         """Law [V] emitted with one candidate x ~ q from ``state`` (one row), or None to enumerate.

@@ -26,13 +26,17 @@ def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
     return torch.minimum(px, qx).div_(qx.clamp_min(torch.finfo(qx.dtype).tiny)).squeeze(-1)
 
 
-def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:
-    """Strict residual after rejecting x: p_j without x (point masses) or norm([p_j − q_j]_+),
-    with the proposal losing x (sampling without replacement)."""
+def strict_residual_law(state: NodeState, x: torch.Tensor) -> torch.Tensor:
+    """The strict residual target law after rejecting x: p_j without x (point masses) or
+    norm([p_j − q_j]_+) (sampled candidates)."""
     if state.q is None:
-        return NodeState(p=normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p), q=None)
-    residual = normalise((state.p - state.q).clamp_min_(0.0), state.p)
-    return NodeState(p=residual, q=remove_token(state.q, x))
+        return normalise(state.p.scatter(-1, x.unsqueeze(-1), 0.0), state.p)
+    return normalise((state.p - state.q).clamp_min_(0.0), state.p)
+
+
+def strict_residual(state: NodeState, x: torch.Tensor) -> NodeState:
+    """Strict residual after rejecting x, with the proposal losing x (sampling without replacement)."""
+    return NodeState(p=strict_residual_law(state, x), q=None if state.q is None else remove_token(state.q, x))
 
 
 class StrictRule(AcceptanceRule):
@@ -49,6 +53,10 @@ class StrictRule(AcceptanceRule):
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """Strict residual; the proposal loses x (sampling without replacement)."""
         return strict_residual(state, x)
+
+    def bonus_after_reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
+        """The strict residual alone: after the last sibling no proposal is read."""
+        return strict_residual_law(state, x)
 
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
         """Strict is exact: the bound is 0."""

@@ -125,17 +125,17 @@ def walk_tree(
             n_rej = n_valid - n_acc
             n_pending -= n_acc
             rej = valid ^ acc if n_rej else None  # accepted rows were valid
-            if n_rej == batch:
-                state = rule.reject(state, x, ctx)
-            elif n_rej:  # only rejected rows need the rule's next residual: compute it for them alone
-                idx = rej.nonzero().squeeze(-1)
-                sub_ctx = ctx.rows(idx, batch)
-                residual = rule.reject(state.rows(idx), x[idx], sub_ctx)
-                if k == width - 1 and n_rej == n_pending:  # they are the rows left: their bonus, as below
-                    bonus = bonus.index_put((idx,), sample_from_law(rule.bonus_law(residual, sub_ctx), generator))
+            if n_rej:  # only rejected rows need the rule's next state: compute it for them alone
+                whole = n_rej == batch
+                idx = None if whole else rej.nonzero().squeeze(-1)
+                sub, sub_x, sub_ctx = (state, x, ctx) if whole else (state.rows(idx), x[idx], ctx.rows(idx, batch))
+                if k == width - 1 and n_rej == n_pending:  # the rows left, at the last sibling: their bonus
+                    drawn = sample_from_law(rule.bonus_after_reject(sub, sub_x, sub_ctx), generator)
+                    bonus = drawn if whole else bonus.index_put((idx,), drawn)
                     bonus_drawn = True
                 else:
-                    state = state.put(idx, residual)
+                    residual = rule.reject(sub, sub_x, sub_ctx)
+                    state = residual if whole else state.put(idx, residual)
             if rej is not None and rejected is not None:
                 rejected[rows, x] |= rej
             if not n_pending:
