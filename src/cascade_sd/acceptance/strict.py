@@ -21,8 +21,8 @@ def strict_ratio(state: NodeState, x: torch.Tensor) -> torch.Tensor:
         return px.squeeze(-1)
     qx = state.q.gather(-1, idx)
     # min(p, q)/q = min(1, p/q) for q > 0, and 0 for q = 0: a token the proposal cannot produce is
-    # never accepted. The denominator is raised to the smallest normal float, which only a q that is
-    # never drawn in practice (< 2.2e-308 in float64) lies below; no where is needed.
+    # never accepted. The denominator is raised to the smallest normal float (2.2e-308 in float64):
+    # no where is needed, and only a q below it, never drawn in practice, sees its ratio shrink.
     return torch.minimum(px, qx).div_(qx.clamp_min(torch.finfo(qx.dtype).tiny)).squeeze(-1)
 
 
