@@ -249,7 +249,7 @@ class AcceptanceRule(ABC):
         bonus law R after a rejection (taken after rejecting q's most likely token)."""
         q = state.q[0]
         a = accept * (q > 0)
-        residual = self.bonus_law(self.reject(state, torch.argmax(q).view(1), ctx), ctx)[0]
+        residual = self.bonus_after_reject(state, torch.argmax(q).view(1), ctx)[0]
         return q * a + (1 - (q * a).sum()).clamp_min(0.0) * residual
 
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor | None:

@@ -82,6 +82,7 @@ def walk_tree(
     kid_tokens = tree.tokens.gather(1, tree.children.clamp_min(0).flatten(1)).view(batch * n_nodes, width)
     q_flat = tree.q.reshape(batch * n_nodes, -1)
     law_at = p.at if isinstance(p, NodeLaws) else partial(torch.index_select, p.reshape(batch * n_nodes, vocab), 0)
+    start_at = lambda at, ctx: rule.start(law_at(at), q_flat.index_select(0, at), tree.sampled, ctx)  # fresh node state
     # One coin per candidate, candidate k at depth d in entry (d − 1)·width + k.
     coins = torch.rand(max_depth * width, batch, generator=generator, dtype=p.dtype, device=dev)
     # DESIGN 4.1: a sibling equal to a rejected one is skipped (only siblings can repeat a token).
@@ -97,7 +98,7 @@ def walk_tree(
         walking = active & kid_ok[:, 0]
         if depth >= first_limit:  # active rows have accepted depth − 1 tokens
             walking &= max_accept >= depth
-        state = rule.start(law_at(at), q_flat.index_select(0, at), tree.sampled, ctx)
+        state = start_at(at, ctx)
         n_walk = n_pending = _count(walking)  # rows still trying this node's children
         if n_walk < n_active:  # rows at a leaf or at their limit emit the bonus from the fresh node law
             bonus = _draw(active & ~walking, rule.bonus_law(state, ctx), bonus, generator)
@@ -149,8 +150,7 @@ def walk_tree(
         visited.append(cur)
     if n_active:
         ctx = NodeContext(depth=max_depth + 1)
-        at = base + cur
-        fresh = rule.bonus_law(rule.start(law_at(at), q_flat.index_select(0, at), tree.sampled, ctx), ctx)
+        fresh = rule.bonus_law(start_at(base + cur, ctx), ctx)
         bonus = _draw(active, fresh, bonus, generator)
     visited += [cur] * (max_depth + 1 - len(visited))
     accepted = tree.depth.gather(1, cur[:, None]).squeeze(1)  # each accept moved one level down
