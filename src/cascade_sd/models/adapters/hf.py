@@ -17,11 +17,13 @@ The condition is a prompt of model token ids, left-padded to a fixed length with
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from cascade_sd.errors import ConfigError
 from cascade_sd.models.gpt import (
@@ -61,31 +63,71 @@ class Prompts:
         return cls(ids=ids, valid=valid)
 
 
-class SlotCache:
-    """k/v storage written at engine-chosen slots; what transformers' attention layers call ``update`` on."""
+class _SlotLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared slot storage (transformers' per-layer cache protocol).
+
+    The storage is allocated up front and written at engine-chosen slots, so the lazy-init and
+    length hooks of the protocol are trivial: the adapter always passes positions and an explicit mask.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, store: "SlotCache", layer_idx: int) -> None:
+        super().__init__()
+        self.store, self.layer_idx = store, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the storage exists from ``SlotCache``'s construction on."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, T, hd] at the store's ``slots`` ([T] or [B, T]) of cache rows ``rows`` (None:
+        the leading B rows); return this layer's cache rows in use. Extra arguments (``cache_kwargs``,
+        ``kwargs=``: they differ across transformers releases) carry nothing this cache needs."""
+        kv, slots, rows = self.store.kv, self.store.slots, self.store.rows
+        if rows is not None:
+            kc, vc = kv[self.layer_idx, 0], kv[self.layer_idx, 1]
+            write_slots(kc, vc, key_states, value_states, slots, rows)
+            return kc[rows], vc[rows]
+        bsz = key_states.shape[0]
+        kc, vc = kv[self.layer_idx, 0, :bsz], kv[self.layer_idx, 1, :bsz]
+        write_slots(kc, vc, key_states, value_states, slots)
+        return kc, vc
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        """Never consulted (the adapter always passes positions)."""
+        return 0
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """(kv length, offset): every slot, from 0 (the adapter passes its own mask)."""
+        return self.store.kv.shape[4], 0
+
+    def get_max_cache_shape(self) -> int:
+        """The slot count (the protocol's name up to transformers 5.x's rename)."""
+        return self.store.kv.shape[4]
+
+    def get_max_length(self) -> int:
+        """The slot count."""
+        return self.store.kv.shape[4]
+
+
+class SlotCache(Cache):
+    """k/v storage written at engine-chosen slots, as a transformers ``Cache`` of ``_SlotLayer`` layers:
+    the attention layers call ``update`` on it through the library's own cache protocol."""
 
     def __init__(self, layers: int, batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.kv = torch.zeros(layers, 2, batch, heads, seq, head_dim, dtype=dtype, device=device)
         self.slots: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(layers)])
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H, T, hd] at ``self.slots`` ([T] or [B, T]) of cache rows ``self.rows`` (None: the
-        leading B rows); return this layer's cache rows in use."""
-        if self.rows is not None:
-            kc, vc = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-            write_slots(kc, vc, key_states, value_states, self.slots, self.rows)
-            return kc[self.rows], vc[self.rows]
-        bsz = key_states.shape[0]
-        kc, vc = self.kv[layer_idx, 0, :bsz], self.kv[layer_idx, 1, :bsz]
-        write_slots(kc, vc, key_states, value_states, self.slots)
-        return kc, vc
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Never consulted (the adapter always passes positions); here for transformers' cache protocol."""
-        return 0
+def _cache_argument(layer: nn.Module) -> str:
+    """The decoder layer's keyword for the cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
 class HFImageTarget(nn.Module):
@@ -115,6 +157,7 @@ class HFImageTarget(nn.Module):
             caption_dim=1, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0,
         )
         self._cache: SlotCache | None = None
+        self._cache_kw = _cache_argument(lm.layers[0])
         self._cond_valid: torch.Tensor | None = None
 
     # ---- conditions
@@ -184,8 +227,8 @@ class HFImageTarget(nn.Module):
         rope = self.lm.rotary_emb(x, position_ids=pos)
         h, layers = x, []
         for layer in self.lm.layers:
-            out = layer(h, attention_mask=bias[:, None], position_ids=pos, past_key_values=cache,
-                        use_cache=cache is not None, position_embeddings=rope)
+            out = layer(h, attention_mask=bias[:, None], position_ids=pos, use_cache=cache is not None,
+                        position_embeddings=rope, **{self._cache_kw: cache})
             h = out[0] if isinstance(out, tuple) else out
             if return_layers:
                 layers.append(h)
