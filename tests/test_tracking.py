@@ -38,7 +38,21 @@ def test_init_writes_parent_and_sqlite(results):
     parent = [r for r in runs if r.info.run_id == info["parent_run_id"]]
     assert len(parent) == 1 and parent[0].data.tags["cascade_sd.role"] == "parent"
     assert parent[0].data.params["target.dim"] == "8"
-    assert parent[0].data.tags["git_sha"]
+    _assert_provenance(results, parent[0])
+
+
+def _assert_provenance(results, run) -> None:
+    """Commit and dirty flag, the lock's hash and match, and the installed package list as an artifact."""
+    from cascade_sd.provenance import git_state, installed, lock_sha256
+
+    commit, dirty = git_state()
+    tags = run.data.tags
+    assert tags["git.commit"] == commit and len(commit) == 40
+    assert tags["git.dirty"] == str(dirty).lower()
+    assert tags["lock.sha256"] == lock_sha256() and tags["lock.matches"] in ("true", "false")
+    listed = (results / "mlflow" / "artifacts" / run.info.run_id / "artifacts" / "environment" / "packages.txt")
+    lines = listed.read_text().splitlines()
+    assert lines == [f"{n}=={v}" for n, v in installed().items()] and "torch==" + installed()["torch"] in lines
 
 
 def _run_jobs(results, n: int, *, timeout: float) -> list[int | None]:
@@ -75,7 +89,8 @@ def test_parallel_child_runs_all_logged(results):
         assert r.data.metrics["value"] == float(r.data.params["i"])
         assert r.data.params["nested.a"] == r.data.params["i"]
         assert "skip" not in r.data.metrics
-        assert {"git_sha", "version.torch", "hardware.cores", "seed"} <= set(r.data.tags)
+        assert {"git.commit", "git.dirty", "lock.sha256", "version.torch", "hardware.cores", "seed"} <= set(r.data.tags)
+        _assert_provenance(results, r)
 
 
 def test_failed_job_is_marked_failed(results):

@@ -482,20 +482,26 @@ def rules_cmd() -> None:
 
 
 @app.command("doctor")
-def doctor(config: Optional[Path] = ConfigOpt) -> None:
-    """Print versions, threads, device, whether the dataset is found, and the MLflow URI."""
+def doctor(config: Optional[Path] = ConfigOpt,
+           lock_root: Optional[Path] = typer.Option(None, "--lock-root", help="Folder holding requirements.lock "
+                                                    "and requirements-torch.txt (default: this checkout).")) -> None:
+    """Print versions, threads, device, dataset, MLflow URI, and whether the installed environment
+    matches the lock (each mismatch: name, locked, installed); exit 1 on a mismatch."""
     import platform
 
     import mlflow
     import torch
 
     import cascade_sd
+    from cascade_sd import provenance
     from cascade_sd.data import load_images
     from cascade_sd.tracking import default_tracking_uri
 
     cfg = _config(config)
+    commit, dirty = provenance.git_state()
     rows = {
         "cascade_sd": cascade_sd.__version__,
+        "git": f"{commit}{' (dirty)' if dirty else ''}",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mlflow": mlflow.__version__,
@@ -510,8 +516,23 @@ def doctor(config: Optional[Path] = ConfigOpt) -> None:
         rows["data"] = f"found ({data.source}, {cfg['data']['root'] or 'default location'})"
     except CascadeError as exc:
         rows["data"] = f"NOT FOUND: {exc}"
+    root = lock_root or provenance.ROOT
+    pins = provenance.locked(root)
+    mismatches, extra = provenance.compare(pins, provenance.installed())
+    rows["lock"] = f"{root / provenance.LOCK} (sha256 {provenance.lock_sha256(root)[:16]}…)"
+    rows["environment"] = (f"matches the lock ({len(pins)} packages)" if not mismatches else
+                           f"DOES NOT MATCH the lock: {len(mismatches)} of {len(pins)} packages differ")
+    if extra:
+        rows["not in the lock"] = ", ".join(extra)
     for key, value in rows.items():
         typer.echo(f"{key:>20}: {value}")
+    if mismatches:
+        width = max(len(m.name) for m in mismatches)
+        typer.echo(f"\n{'package':<{width}}  {'locked':<14}  installed")
+        for m in mismatches:
+            typer.echo(f"{m.name:<{width}}  {m.locked:<14}  {m.installed or 'missing'}")
+        typer.echo("\nreinstall from the lock: pip install -r requirements.lock (README, Quickstart)")
+        raise typer.Exit(1)
 
 
 def main() -> None:

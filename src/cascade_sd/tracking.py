@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import random
-import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cascade_sd.io import atomic_write_json  # noqa: E402
+from cascade_sd.provenance import run_provenance  # noqa: E402
 
 T = TypeVar("T")
 PARENT_FILE = "parent.json"
@@ -55,22 +56,9 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def git_sha() -> str:
-    """The checkout's commit (``unknown`` outside git), with ``-dirty`` when it has changes."""
-    try:
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment_tags() -> dict[str, str]:
-    """Tags every run carries: git SHA, hardware and library versions."""
+def environment_tags() -> tuple[dict[str, str], str]:
+    """Tags every run carries (commit and dirty flag, lock hash and whether the environment matches it,
+    hardware, library versions) and the installed package list logged beside them."""
     import mlflow
     import numpy
     import torch
@@ -78,8 +66,8 @@ def environment_tags() -> dict[str, str]:
     import cascade_sd
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "git_sha": git_sha(),
+    provenance, packages = run_provenance()
+    return provenance | {
         "hardware.cpu": platform.processor() or platform.machine(),
         "hardware.cores": str(os.cpu_count()),
         "hardware.device": device,
@@ -89,7 +77,15 @@ def environment_tags() -> dict[str, str]:
         "version.torch": torch.__version__,
         "version.numpy": numpy.__version__,
         "version.mlflow": mlflow.__version__,
-    }
+    }, packages
+
+
+def _log_packages(client: Any, run_id: str, packages: str) -> None:
+    """The installed package list (``name==version`` lines) as the run's ``environment/packages.txt``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "packages.txt"
+        path.write_text(packages)
+        retry_locked(lambda: client.log_artifact(run_id, str(path), "environment"))
 
 
 def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mapping[str, Any]) -> dict[str, str]:
@@ -105,7 +101,9 @@ def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mappi
         exp_id = client.create_experiment(experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name="workflow", tags=environment_tags() | {"cascade_sd.role": "parent"})
+    tags, packages = environment_tags()
+    run = client.create_run(exp_id, run_name="workflow", tags=tags | {"cascade_sd.role": "parent"})
+    _log_packages(client, run.info.run_id, packages)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, _param_str(value))
     info = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id}
@@ -202,11 +200,13 @@ def child_run(
         return
     info = json.loads(parent_file.read_text())
     client = _client(info["tracking_uri"])
-    tags = environment_tags() | {"mlflow.parentRunId": info["parent_run_id"], "cascade_sd.job": job}
+    tags, packages = environment_tags()
+    tags |= {"mlflow.parentRunId": info["parent_run_id"], "cascade_sd.job": job}
     if seed is not None:
         tags["seed"] = str(seed)
     run = retry_locked(lambda: client.create_run(info["experiment_id"], run_name=job, tags=tags))
     logger = RunLogger(client, run.info.run_id)
+    _log_packages(client, run.info.run_id, packages)
     if params:
         logger.params(params)
     try:
