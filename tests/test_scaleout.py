@@ -1,6 +1,8 @@
 """Several machines' path, for real: PostgreSQL (Debian package) behind an `mlflow server` on
 loopback, the `.test` workflow logging to it through MLFLOW_TRACKING_URI, runs read back with
-search_runs. `.ci/run` installs PostgreSQL; a missing installation is a failure, not a skip."""
+search_runs. `.ci/run` installs PostgreSQL; a missing installation is a failure, not a skip. The run
+repeats the session's SQLite run of the same config and seed: every model and every decoded token
+must come out identical."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_workflow import snakemake
+from workflow_run import reproducible_outputs, run_ci_workflow
 
 BIN = Path(sys.executable).parent
 
@@ -83,11 +85,15 @@ def mlflow_server():
 
 
 @pytest.mark.slow
-def test_workflow_logs_to_a_postgres_backed_mlflow_server(mlflow_server, tmp_path):
+def test_workflow_logs_to_a_postgres_backed_mlflow_server(mlflow_server, ci_workflow, tmp_path):
     results = tmp_path / "results"
-    res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2",
-                    timeout=1200, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    res = run_ci_workflow(results, env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+    # Same config and seed as the session's run: identical checkpoints and decoded tokens.
+    first, second = reproducible_outputs(ci_workflow), reproducible_outputs(results)
+    assert len(first) > 20 and {"metrics/target.json", "metrics/tokenizer.json", "data/tokens.npz"} <= set(first)
+    assert first == second, sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
 
     import mlflow
 

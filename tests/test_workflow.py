@@ -2,10 +2,8 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,16 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def snakemake(*args: str, timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run this checkout's workflow with the test's interpreter on PATH (SQLite tracking unless ``env`` says)."""
-    full = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    full.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full | (env or {}))
+from workflow_run import BIN, ROOT, snakemake
 
 
 @pytest.mark.parametrize("extra", [[], ["--configfile", ".test/config.yaml"], ["--profile", "profiles/gpu"],
@@ -84,19 +73,22 @@ TIMING_KEYS = {"vanilla_seconds_per_image", "seconds_per_image", "speedup"}
 
 
 @pytest.mark.slow
-def test_ci_workflow_runs_end_to_end(tmp_path):
+def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     """The `.test` config runs the whole DAG (models, decode grid, evaluation, audit, figures, heat-maps,
     MLflow runs, the HTML report); a cell decoded twice gives the same tokens and metrics; a decode job
     killed with SIGKILL is never taken as done and its rerun completes."""
-    results = tmp_path / "results"
-    res = snakemake("--configfile", ".test/config.yaml", "--config", f"results={results}", "--cores", "2", timeout=1200)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    results = ci_workflow
     for seed in (0, 1):
         assert (results / f"samples/vanilla/seed{seed}/grid.png").stat().st_size > 0
         quality = json.loads((results / f"eval/vanilla_seed{seed}.json").read_text())
         assert 0.0 <= quality["judge_accuracy"] <= 1.0 and quality["fid_in_domain"] >= 0.0
     target = json.loads((results / "metrics/target.json").read_text())
     assert target["test_nll_bits"] > 0
+    for name in ("tokenizer", "target", "judge", "drafter-eagle", "drafter-eagle3", "drafter-eagle-rw2", "autoencoder",
+                 "continuous_target", "continuous_draft"):  # every stage stops at its step count and says so
+        stage = json.loads((results / f"metrics/{name}.json").read_text())
+        assert stage["steps"] == stage["planned_steps"] and stage["stopped_by"] == "steps", name
+        assert stage["stage_seconds"] > 0 and not stage["wall_clock_limited"], name
     assert "| vanilla | 1 |" in (results / "summary.md").read_text()
 
     figures = results / "figures"
@@ -150,7 +142,6 @@ def test_ci_workflow_runs_end_to_end(tmp_path):
 
     _kill_and_rerun_decode(results, lantern, first["tau"], tmp_path / "killed.log")
     _continuous_batching_hands_over_drafter_features(results / "models")
-    shutil.rmtree(results)
 
 
 def _continuous_batching_hands_over_drafter_features(models: Path) -> None:

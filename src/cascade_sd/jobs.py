@@ -7,6 +7,7 @@ and users can call them directly. Outputs are written atomically; nothing here d
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cascade_sd.models.gpt import GPT, GPTConfig, load_gpt
 from cascade_sd.models.judge import JudgeConfig, load_judge
 from cascade_sd.models.vq import VQConfig, VQModel, inference_batch, load_vq
 from cascade_sd.tracking import RunLogger, child_run
+from cascade_sd.train.stage import StageClock
 
 
 def setup_runtime(config: dict[str, Any]) -> torch.device:
@@ -71,6 +73,18 @@ def _log_progress(run: RunLogger):
     return on_log
 
 
+def stage_done(run: RunLogger, metrics: dict[str, Any], clock: StageClock, steps_done: int) -> dict[str, Any]:
+    """The stage's timing and stopping rule joined to its metrics, with the flags as run tags."""
+    metrics = metrics | clock.finish(steps_done)
+    run.tags({k: str(metrics[k]).lower() for k in ("stopped_by", "wall_clock_limited", "over_expected_time")})
+    return metrics
+
+
+def per_arch(value: Any, arch: str) -> Any:
+    """A drafter setting for ``arch``: one value for every arch, or a mapping arch → value."""
+    return value[arch] if isinstance(value, dict) else value
+
+
 def train_tokenizer_job(config: dict[str, Any], out: Path, metrics_out: Path) -> dict[str, Any]:
     """Train the VQ tokenizer of the config and save it with its metrics."""
     from cascade_sd.train.tokenizer import train_tokenizer
@@ -82,11 +96,12 @@ def train_tokenizer_job(config: dict[str, Any], out: Path, metrics_out: Path) ->
     # A seeded test subset: encoding and decoding the full 10k split cost ~50 s on 2 cores.
     pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(config["seed"]))[: tc["eval_images"]].sort().values
     with child_run(config["results"], "train_tokenizer", params={"tokenizer": tc, "vq": vq_cfg.to_dict()}, seed=config["seed"]) as run:
+        clock = StageClock("tokenizer", tc["steps"], tc["expected_seconds"], tc["max_seconds"])
         model, metrics = train_tokenizer(
             train.images, test.images[pick], vq_cfg, steps=tc["steps"], batch_size=tc["batch_size"], lr=tc["lr"],
-            seed=config["seed"], max_seconds=tc["max_seconds"], log_every=100, on_log=_log_progress(run),
+            seed=config["seed"], max_seconds=tc["max_seconds"], log_every=100, on_log=clock.on_log(_log_progress(run)),
         )
-        metrics["eval_images"] = len(pick)
+        metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"eval_images": len(pick)}
         digest = save_checkpoint(out, "vq", vq_cfg.to_dict(), model.state_dict(), extra={"metrics": metrics, "data": config["data"]})
         metrics = metrics | {"checkpoint_hash": digest}
         atomic_write_json(metrics_out, metrics)
@@ -125,13 +140,14 @@ def train_target_job(config: dict[str, Any], tokens: Path, tokenizer: Path, out:
         block_size=cache.grid_size**2, grid_width=cache.grid_size, num_classes=int(cache.train_labels.max()) + 1,
     )
     with child_run(config["results"], "train_target", params={"target": tc, "gpt": gpt_cfg.to_dict()}, seed=config["seed"]) as run:
+        clock = StageClock("target", tc["steps"], tc["expected_seconds"], tc["max_seconds"])
         model, metrics = train_target(
             cache.train_codes, cache.train_labels, cache.test_codes, cache.test_labels, gpt_cfg,
             steps=tc["steps"], batch_size=tc["batch_size"], lr=tc["lr"], warmup_steps=tc["warmup_steps"],
             weight_decay=tc["weight_decay"], seed=config["seed"], max_seconds=tc["max_seconds"], eval_batches=20,
-            on_log=_log_progress(run),
+            on_log=clock.on_log(_log_progress(run)),
         )
-        metrics = metrics | {"parameters": sum(p.numel() for p in model.parameters())}
+        metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"parameters": sum(p.numel() for p in model.parameters())}
         digest = save_checkpoint(out, "gpt", gpt_cfg.to_dict(), model.state_dict(),
                                  extra={"metrics": metrics, "tokenizer_hash": vq_ckpt.hash})
         metrics["checkpoint_hash"] = digest
@@ -150,8 +166,11 @@ def train_judge_job(config: dict[str, Any], out: Path, metrics_out: Path) -> dic
     train, test = _images(config, "train"), _images(config, "test")
     judge_cfg = JudgeConfig(num_classes=train.num_classes)
     with child_run(config["results"], "train_judge", params={"judge": jc, "config": judge_cfg.to_dict()}, seed=config["seed"]) as run:
+        planned = max(1, math.ceil(jc["epochs"] * math.ceil(len(train.labels) / jc["batch_size"])))
+        clock = StageClock("judge", planned, jc["expected_seconds"], jc["max_seconds"])
         model, metrics = train_judge(train, test, judge_cfg, epochs=jc["epochs"], batch_size=jc["batch_size"], lr=jc["lr"],
                                      seed=config["seed"], max_seconds=jc["max_seconds"])
+        metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_checkpoint(out, "judge", judge_cfg.to_dict(), model.state_dict(), extra={"metrics": metrics})
         metrics = metrics | {"checkpoint_hash": digest}
         atomic_write_json(metrics_out, metrics)
@@ -254,7 +273,12 @@ def summarize(tokenizer: Path, target: Path, judge: Path, evals: list[Path], out
         f"| target | test NLL (bits/token, conditional) | {tgt['test_nll_bits']:.3f} |",
         f"| target | parameters | {tgt['parameters']:,} |",
         f"| judge | test accuracy | {jdg['test_accuracy']:.4f} |",
+        *(f"| {name} | training steps (wall time) | {m['steps']} ({m['stage_seconds']:.0f} s) |"
+          for name, m in (("tokenizer", tok), ("target", tgt), ("judge", jdg))),
         "",
+        *(f"**{name} was trained in wall-clock mode (max_seconds): {m['steps']} of {m['planned_steps']} steps; "
+          "its results depend on machine load.**\n" for name, m in (("tokenizer", tok), ("target", tgt), ("judge", jdg))
+          if m.get("wall_clock_limited")),
         "| method | seed | samples | s/image | judge accuracy | FID (in-domain) | KID (in-domain) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -306,15 +330,17 @@ def train_drafter_job(
     target, ckpt = load_gpt(target_path)
     data = load_distill(distill, expect_target_hash=ckpt.hash)
     name = f"train_drafter_{arch}" + ("" if redundancy_weight == 1.0 else f"_rw{redundancy_weight:g}")
+    steps, expected = per_arch(dc["steps"], arch), per_arch(dc["expected_seconds"], arch)
     with child_run(config["results"], name, params={"drafter": dc, "arch": arch, "redundancy_weight": redundancy_weight},
                    seed=config["seed"]) as run:
+        clock = StageClock(name.removeprefix("train_"), steps, expected, dc["max_seconds"])
         drafter, metrics = train_drafter(
-            target.to(device), data, arch, steps=dc["steps"], batch_size=dc["batch_size"], lr=dc["lr"],
+            target.to(device), data, arch, steps=steps, batch_size=dc["batch_size"], lr=dc["lr"],
             seed=config["seed"], max_seconds=dc["max_seconds"], unroll=dc["unroll"] if arch == "eagle3" else 1,
             redundancy_weight=redundancy_weight, redundancy_threshold=dc["redundancy_threshold"],
-            on_log=_log_progress(run),
+            on_log=clock.on_log(_log_progress(run)),
         )
-        metrics = metrics | {"arch": arch, "redundancy_weight": redundancy_weight}
+        metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"arch": arch, "redundancy_weight": redundancy_weight}
         metrics["checkpoint_hash"] = save_drafter(out, drafter.cpu(), extra={"metrics": metrics, "target_hash": ckpt.hash})
         atomic_write_json(metrics_out, metrics)
         run.metrics(metrics)

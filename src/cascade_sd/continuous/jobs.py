@@ -20,6 +20,7 @@ from cascade_sd.errors import ConfigError
 from cascade_sd.imaging import save_grid
 from cascade_sd.io import atomic_savez, atomic_torch_save, atomic_write_json, atomic_write_text
 from cascade_sd.tracking import child_run
+from cascade_sd.train.stage import StageClock
 
 ROLES = ("target", "draft")
 _ARCH = ("dim", "n_layer", "n_head", "head_width", "head_blocks")
@@ -59,7 +60,7 @@ def cell_from_slug(config: dict[str, Any], slug: str) -> dict[str, Any]:
 def train_autoencoder_job(config: dict[str, Any], model_out: Path, latents_out: Path, metrics_out: Path,
                           grid_out: Path) -> dict[str, Any]:
     """Train the continuous autoencoder, encode both splits once, save reconstructions of test images."""
-    from cascade_sd.jobs import _images, setup_runtime
+    from cascade_sd.jobs import _images, stage_done, setup_runtime
 
     setup_runtime(config)
     ac = config["continuous"]["autoencoder"]
@@ -67,10 +68,12 @@ def train_autoencoder_job(config: dict[str, Any], model_out: Path, latents_out: 
                       latent_noise=ac["latent_noise"])
     train, test = _images(config, "train"), _images(config, "test")
     with child_run(config["results"], "train_autoencoder", params={"autoencoder": ac}, seed=config["seed"]) as run:
+        clock = StageClock("continuous autoencoder", ac["steps"], ac["expected_seconds"], ac["max_seconds"])
         model, metrics = train_autoencoder(train.images, test.images, ae_cfg, steps=ac["steps"],
                                            batch_size=ac["batch_size"], lr=ac["lr"], seed=config["seed"],
                                            max_seconds=ac["max_seconds"],
-                                           on_log=lambda s, m: run.metrics(m, step=s))
+                                           on_log=clock.on_log(lambda s, m: run.metrics(m, step=s)))
+        metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_model(model_out, model, extra={"metrics": metrics})
         atomic_torch_save({"autoencoder_hash": digest, "train": encode_images(model, train.images),
                            "train_labels": train.labels, "test": encode_images(model, test.images),
@@ -88,7 +91,7 @@ def train_continuous_job(config: dict[str, Any], role: str, latents: Path, model
                          metrics_out: Path) -> dict[str, Any]:
     """Train the continuous target or draft on the cached latents; records the autoencoder's hash."""
     from cascade_sd.errors import check_choice
-    from cascade_sd.jobs import setup_runtime
+    from cascade_sd.jobs import stage_done, setup_runtime
 
     check_choice("role", role, ROLES)
     setup_runtime(config)
@@ -100,10 +103,12 @@ def train_continuous_job(config: dict[str, Any], role: str, latents: Path, model
                                  sample_steps=cc["sample_steps"], **{k: rc[k] for k in _ARCH})
     with child_run(config["results"], f"train_continuous_{role}", params={role: rc, "model": model_cfg.to_dict()},
                    seed=config["seed"]) as run:
+        clock = StageClock(f"continuous {role}", rc["steps"], rc["expected_seconds"], rc["max_seconds"])
         model, metrics = train_continuous(
             data["train"], data["train_labels"], data["test"], data["test_labels"], model_cfg, steps=rc["steps"],
             batch_size=rc["batch_size"], lr=rc["lr"], warmup_steps=rc["warmup_steps"], seed=config["seed"],
-            max_seconds=rc["max_seconds"], on_log=lambda s, m: run.metrics(m, step=s))
+            max_seconds=rc["max_seconds"], on_log=clock.on_log(lambda s, m: run.metrics(m, step=s)))
+        metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_model(model_out, model, extra={"metrics": metrics, "autoencoder_hash": data["autoencoder_hash"]})
         metrics |= {"checkpoint_hash": digest}
         atomic_write_json(metrics_out, metrics)
