@@ -4,6 +4,7 @@ targets run the unchanged engine: strict greedy equals vanilla greedy, strict sa
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ ROW_ID = 9  # Lumina-mGPT-style newline id in the tiny vocabulary
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_runs_on_the_intended_transformers():
+    """These tests run on the locked transformers, or on the one CI names (the lowest pyproject allows)."""
+    import transformers
+
+    from cascade_sd.provenance import locked
+
+    expected = os.environ.get("CASCADE_SD_EXPECT_TRANSFORMERS") or locked()["transformers"].version
+    assert transformers.__version__ == expected
 
 
 def _chameleon(codes: int, seed: int) -> ChameleonForConditionalGeneration:
