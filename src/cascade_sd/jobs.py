@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from cascade_sd.tracking import RunLogger, child_run
 from cascade_sd.train.stage import StageClock
 
 
-def setup_runtime(config: dict[str, Any]) -> torch.device:
-    """Apply the config's thread count and return the torch device it asks for."""
+def setup_runtime(config: dict[str, Any], *, training: bool = False) -> torch.device:
+    """Apply the config's thread count and return the torch device it asks for. Training stages also
+    switch torch to deterministic kernels: with several threads some CPU kernels (accumulating index
+    and scatter ops) otherwise sum in a varying order, and the same seed would not give the same model."""
     torch.set_num_threads(config["threads"])
     device = config["device"]
     if device == "auto":
@@ -40,6 +43,10 @@ def setup_runtime(config: dict[str, Any]) -> torch.device:
         from cascade_sd.errors import ConfigError
 
         raise ConfigError("device='cuda' but no CUDA device is available; allowed here: 'cpu' or 'auto'")
+    if training:
+        if device == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA docs)
+        torch.use_deterministic_algorithms(True, warn_only=device == "cuda")
     return torch.device(device)
 
 
@@ -89,7 +96,7 @@ def train_tokenizer_job(config: dict[str, Any], out: Path, metrics_out: Path) ->
     """Train the VQ tokenizer of the config and save it with its metrics."""
     from cascade_sd.train.tokenizer import train_tokenizer
 
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     tc = config["tokenizer"]
     vq_cfg = VQConfig.preset(tc["preset"], codebook_size=tc["codebook_size"], base_channels=tc["base_channels"])
     train, test = _images(config, "train"), _images(config, "test")
@@ -112,7 +119,7 @@ def train_tokenizer_job(config: dict[str, Any], out: Path, metrics_out: Path) ->
 
 def tokenize_job(config: dict[str, Any], tokenizer: Path, out: Path) -> dict[str, Any]:
     """Tokenise the whole dataset once with the trained tokenizer and cache the codes."""
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     vq, ckpt = load_vq(tokenizer)
     train, test = _images(config, "train"), _images(config, "test")
     with child_run(config["results"], "tokenize", params={"tokenizer_hash": ckpt.hash}) as run:
@@ -131,7 +138,7 @@ def train_target_job(config: dict[str, Any], tokens: Path, tokenizer: Path, out:
     """Train the target GPT on the token cache; the checkpoint records its tokenizer's hash."""
     from cascade_sd.train.target import train_target
 
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     _, vq_ckpt = load_vq(tokenizer)
     cache = read_token_cache(tokens, expect_vq_hash=vq_ckpt.hash)
     tc = config["target"]
@@ -161,7 +168,7 @@ def train_judge_job(config: dict[str, Any], out: Path, metrics_out: Path) -> dic
     """Train the in-domain judge classifier."""
     from cascade_sd.train.judge import train_judge
 
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     jc = config["judge"]
     train, test = _images(config, "train"), _images(config, "test")
     judge_cfg = JudgeConfig(num_classes=train.num_classes)
@@ -303,7 +310,7 @@ def distill_job(config: dict[str, Any], target_path: Path, out: Path, conditions
     """
     from cascade_sd.train.drafter import distill_data, save_distill
 
-    device = setup_runtime(config)
+    device = setup_runtime(config, training=True)
     dc, sc = config["drafter"], config["sample"]
     params = SamplingParams(temperature=sc["temperature"], top_k=sc["top_k"], top_p=sc["top_p"], cfg_scale=sc["cfg_scale"])
     target, _ = load_gpt(target_path)
@@ -325,7 +332,7 @@ def train_drafter_job(
     from cascade_sd.models.drafters import save_drafter
     from cascade_sd.train.drafter import load_distill, train_drafter
 
-    device = setup_runtime(config)
+    device = setup_runtime(config, training=True)
     dc = config["drafter"]
     target, ckpt = load_gpt(target_path)
     data = load_distill(distill, expect_target_hash=ckpt.hash)

@@ -62,7 +62,7 @@ def train_autoencoder_job(config: dict[str, Any], model_out: Path, latents_out: 
     """Train the continuous autoencoder, encode both splits once, save reconstructions of test images."""
     from cascade_sd.jobs import _images, stage_done, setup_runtime
 
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     ac = config["continuous"]["autoencoder"]
     ae_cfg = AEConfig(latent_dim=ac["latent_dim"], base_channels=ac["base_channels"], res_blocks=ac["res_blocks"],
                       latent_noise=ac["latent_noise"])
@@ -94,7 +94,7 @@ def train_continuous_job(config: dict[str, Any], role: str, latents: Path, model
     from cascade_sd.jobs import stage_done, setup_runtime
 
     check_choice("role", role, ROLES)
-    setup_runtime(config)
+    setup_runtime(config, training=True)
     cc = config["continuous"]
     rc = cc[role]
     data = torch.load(latents, weights_only=True)
