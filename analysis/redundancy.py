@@ -45,7 +45,7 @@ def replay(bundle: api.Bundle, *, label: int, seed: int, rounds: int, drafter: s
         for m in np.linspace(1, n - depth - 1, rounds).round().astype(int):
             tree, _, view, _ = engine.round_at(cond, image[None, :m])
             sim, comparable = rule.breadth_similarity(view)
-            s_d = rule.depth_similarity(view)[0].cpu().numpy()
+            s_d = rule.depth_similarity(view)[0][0].cpu().numpy()
             tokens, parent = tree.tokens[0].cpu().numpy(), tree.parent[0].cpu().numpy()
             path, node = [], 0
             for step in range(depth):

@@ -82,13 +82,14 @@ def test_training_checkpoint_imports_as_a_bundle(full_size, tmp_path):
     torch.testing.assert_close(_logits(b.target), _logits(full_size["gpt"]), rtol=0, atol=0)
     assert b.codebook.shape == (16384, 8)
     torch.testing.assert_close(b.codebook, full_size["vq"].codebook_vectors())
-    # LANTERN's latent neighbour table comes from the real 16384-code codebook.
+    # LANTERN's latent neighbour table comes from the real 16384-code codebook (k + 1 columns: the
+    # authors' residual zeroes nearest[x, :k+1]).
     rule = get_rule("lantern", k=50)
     rule.bind(b.rule_resources())
     nbrs = rule.neighbours
-    assert nbrs.shape == (16384, 50)
+    assert nbrs.shape == (16384, 51)
     sims = b.codebook @ b.codebook.T
-    top = sims[:5].topk(51, dim=-1).indices[:, 1:]
+    top = sims[:5].topk(52, dim=-1).indices[:, 1:]
     assert all(set(top[i].tolist()) == set(nbrs[i].tolist()) for i in range(5))
 
 

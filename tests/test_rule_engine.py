@@ -25,7 +25,7 @@ PARAMS = {
     "lantern": {"k": 3, "delta": 0.3},
     "lantern_pp": {"k": 3, "lam": 3.0},
     "coolsd": {"delta": 2.0},
-    "gsd": {"group_size": 4, "p_threshold": 0.1, "dist_threshold": 1.5},
+    "gsd": {"window": 3, "p_threshold": 0.5, "dist_threshold": 4.0},
     "cascade": {"tau_b": 0.0, "tau_d": 0.0, "kl_threshold": 100.0},
     "cascade_bounded": {"tau_b": 0.0, "tau_d": 0.0, "kl_threshold": 100.0, "eps": 0.1},
 }
@@ -34,7 +34,7 @@ PARAMS = {
 def rule_for(name: str):
     rule = get_rule(name, **PARAMS[name])
     book = torch.nn.functional.normalize(torch.randn(VOCAB, 2, generator=torch.Generator().manual_seed(3)), dim=-1)
-    rule.bind(RuleResources(vocab=VOCAB, codebook=book))
+    rule.bind(RuleResources(vocab=VOCAB, codebook=book, token_embeddings=book))
     return rule
 
 
@@ -113,8 +113,9 @@ def test_walk_skips_a_sibling_repeating_a_rejected_token(rows):
     assert tested == [[2] * rows, [4] * rows]
 
 
-@pytest.mark.parametrize("name", [n for n, cls in RULES.items() if not cls.needs_tree])
+@pytest.mark.parametrize("name", [n for n in PARAMS if not rule_for(n).draw_dependent])
 def test_walk_matches_induced_law_for_sampled_children(name):
+    """Rules whose signals do not move with the draws (GSD reads only the node's logits)."""
     p, q = laws(1)
     rule = rule_for(name)
     g = torch.Generator().manual_seed(2)
@@ -124,8 +125,8 @@ def test_walk_matches_induced_law_for_sampled_children(name):
         tokens[:, j] = torch.multinomial(remaining, 1, generator=g).squeeze(1)
         remaining.scatter_(1, tokens[:, j : j + 1], 0.0)
     tree, ps = one_level_tree(tokens, p, q, sampled=True)
-    empirical, _ = emitted_law(rule, tree, ps)
-    assert_close(empirical, induced_law(rule, p, q, n_candidates=KIDS, sampled=True))
+    empirical, ctx = emitted_law(rule, tree, ps)
+    assert_close(empirical, induced_law(rule, p, q, n_candidates=KIDS, sampled=True, context=ctx))
 
 
 @pytest.mark.parametrize("tree", ["chain-3", "tree-25", "dynamic"])

@@ -26,16 +26,17 @@ STRONG = {
     "lantern": {"k": 3, "delta": 0.3},
     "lantern_pp": {"k": 3, "lam": 3.0},
     "coolsd": {"delta": 2.0},
-    "gsd": {"group_size": 4, "p_threshold": 0.1, "dist_threshold": 1.5},
+    "gsd": {"window": 3, "p_threshold": 0.5, "dist_threshold": 4.0},
     "cascade": {},
     "cascade_bounded": {"eps": 0.1},
 }
-#: Zero relaxation (DESIGN 4, issue 4 item 3).
+#: Zero relaxation (DESIGN 4, issue 4 item 3). LANTERN's reference residual is not lossless at δ = 0 (or
+#: λ = 1): neighbours of zero probability still count as pooled and k + 1 neighbours leave q (REFERENCES.md).
 ZERO = {
-    "lantern": {"k": 3, "delta": 0.0},
-    "lantern_pp": {"k": 3, "lam": 1.0},
+    "lantern": {"k": 3, "delta": 0.0, "residual": "clean"},
+    "lantern_pp": {"k": 3, "lam": 1.0, "residual": "clean"},
     "coolsd": {"delta": 1.0, "nu": 0.0, "mu": 0.0},
-    "gsd": {"group_size": 0},
+    "gsd": {"window": 0},
     "cascade": {"breadth": False, "depth_signal": False},
     "cascade_bounded": {"eps": 0.0},
 }
@@ -57,19 +58,22 @@ def make(name: str, vocab: int, **params):
     if "k" in params:
         params["k"] = min(params["k"], vocab - 1)
     rule = get_rule(name, **params)
-    rule.bind(RuleResources(vocab=vocab, codebook=codebook(vocab)))
+    rule.bind(RuleResources(vocab=vocab, codebook=codebook(vocab), token_embeddings=codebook(vocab, 1)))
     return rule
 
 
 @st.composite
 def contexts(draw, vocab: int, depth: int) -> NodeContext:
-    """A random CASCADE node context: candidate children, their depth boosts and partner tokens."""
+    """A random node context: CASCADE's candidate children, their depth boosts, tests and partner
+    tokens and the parent's normalised log-law (its kl gate), and GSD's node logits."""
     n_kids = draw(st.integers(1, min(vocab, 4)))
     kids = draw(st.lists(st.integers(0, vocab - 1), min_size=n_kids, max_size=n_kids, unique=True))
     boosts = [draw(st.sampled_from([0.0, 0.0, 0.3, 0.7, 1.0])) for _ in kids]
     partners = [[draw(st.integers(-1, vocab - 1)) for _ in range(3)] for _ in kids]
+    logits = torch.tensor([draw(st.lists(st.floats(-3, 3), min_size=vocab, max_size=vocab))], dtype=torch.float64)
     extras = {"child_tokens": torch.tensor([kids]), "depth_boost": torch.tensor([boosts], dtype=torch.float64),
-              "partner_tokens": torch.tensor([partners])}
+              "depth_ok": torch.tensor([boosts]) > 0, "partner_tokens": torch.tensor([partners]),
+              "parent_lsn": torch.log_softmax(torch.nn.functional.normalize(logits, dim=-1), -1), "node_logits": logits}
     return NodeContext(depth=depth, extras=extras)
 
 
@@ -120,7 +124,7 @@ def test_bonus_after_reject_is_the_bonus_law_of_the_rejected_state(name, inputs,
     assert torch.equal(rule.bonus_after_reject(state, x, ctx_n), rule.bonus_law(rule.reject(state, x, ctx_n), ctx_n))
 
 
-@pytest.mark.parametrize("name", [n for n in RELAXED if n != "gsd"])  # GSD: see test_gsd_is_not_monotone…
+@pytest.mark.parametrize("name", [n for n in RELAXED if n != "gsd"])  # a wider GSD window can lower p(C)/q(C)
 @given(node_inputs(), st.integers(0, 7))
 @fast(40)
 def test_acceptance_is_monotone_in_the_relaxation_strength(name, inputs, token):
@@ -176,7 +180,7 @@ def lantern(**params):
 def test_lantern_point_mass_tv_is_exactly_c_m_star():
     p = torch.tensor([0.2, 0.05, 0.03, 0.72], dtype=torch.float64)
     q = torch.tensor([0.9, 0.05, 0.03, 0.02], dtype=torch.float64)  # top token of q: 0
-    rule = lantern(k=3, delta=0.1)  # c_1 = .05, c_2 = .08, c_3 = .8 → m* = 2, c* = 0.08
+    rule = lantern(k=3, delta=0.1, residual="clean")  # c_1 = .05, c_2 = .08, c_3 = .8 → m* = 2, c* = 0.08
     law = induced_law(rule, p, q, n_candidates=1, sampled=False)
     assert torch.allclose(law, torch.tensor([0.28, 0.0, 0.0, 0.72], dtype=torch.float64), atol=TOL)
     assert tv(law, p) == pytest.approx(0.08, abs=TOL)
@@ -187,12 +191,39 @@ def test_lantern_residual_variants():
     p = torch.tensor([[0.1, 0.05, 0.25, 0.6]], dtype=torch.float64)
     x = torch.tensor([0])
     state = NodeState(p=p, q=None)
-    clean = lantern(k=2, delta=0.1).reject(state, x, NodeContext())  # A = {0, 1}
-    ref = lantern(k=2, delta=0.1, residual="reference-code").reject(state, x, NodeContext())  # {0, 1, 2}
+    clean = lantern(k=2, delta=0.1, residual="clean").reject(state, x, NodeContext())  # A = {0, 1}
+    ref = lantern(k=2, delta=0.1, residual="reference-code").reject(state, x, NodeContext())  # x, nearest[0, :3]
     assert torch.allclose(clean.p, torch.tensor([[0.0, 0.0, 0.25, 0.6]], dtype=torch.float64) / 0.85)
-    assert torch.allclose(ref.p, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64))
+    assert torch.allclose(ref.p, torch.full((1, 4), 0.25, dtype=torch.float64))  # nothing left: uniform
     acc = lantern(k=2, delta=0.1).accept_prob(state, x, NodeContext())
     assert float(acc) == pytest.approx(0.15)
+
+
+def test_lantern_reference_residual_is_the_authors():
+    """Issue 22 repro: 1-D codebook 0..4, p = [.1, .3, .2, .3, .1], δ = 0.1, k = 1, reject x = 2 (point
+    mass). Nothing is pooled (p(1) = .3 > δ), so the reference zeroes only x; sampled drafts zero
+    ``nearest[x, :k+1]`` in q (LlamaGen) or in p (Lumina), and only when a neighbour was pooled."""
+    book = torch.arange(5.0)[:, None]
+    p = torch.tensor([[0.1, 0.3, 0.2, 0.3, 0.1]], dtype=torch.float64)
+    x = torch.tensor([2])
+    ref = _bound(get_rule("lantern", k=1, delta=0.1, residual="reference-code"), book)
+    assert torch.allclose(ref.reject(NodeState(p=p, q=None), x, NodeContext()).p,
+                          torch.tensor([[0.125, 0.375, 0.0, 0.375, 0.125]], dtype=torch.float64))
+    # Pooled (δ = .35 ≥ p(1)): nearest[2, :2] = {1, 3} leave q (LlamaGen) or p (Lumina).
+    q = torch.tensor([[0.05, 0.1, 0.6, 0.05, 0.2]], dtype=torch.float64)
+    pooled = lambda res: _bound(get_rule("lantern", k=1, delta=0.35, residual=res), book).reject(
+        NodeState(p=p, q=q), x, NodeContext()).p
+    llamagen = torch.tensor([[0.05, 0.3, 0.0, 0.3, 0.0]], dtype=torch.float64)  # [p − q∘(not 1, 3)]_+
+    lumina = torch.tensor([[0.05, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # [p∘(not 1, 3) − q]_+
+    assert torch.allclose(pooled("reference-code"), llamagen / llamagen.sum())
+    assert torch.allclose(pooled("reference-code-lumina"), lumina / lumina.sum())
+    clean = torch.tensor([[0.05, 0.0, 0.0, 0.25, 0.0]], dtype=torch.float64)  # [p − q]_+ without A = {2, 1}
+    assert torch.allclose(pooled("clean"), clean / clean.sum())
+
+
+def _bound(rule, book: torch.Tensor):
+    rule.bind(RuleResources(vocab=book.shape[0], codebook=book, token_embeddings=book))
+    return rule
 
 
 def test_lantern_k_is_capped_by_default_and_checked_when_explicit():
@@ -226,47 +257,107 @@ def test_coolsd_one_node_tv_matches_the_closed_form(pair, delta, depth):
     assert tv(law, p) == pytest.approx(closed, abs=1e-12)
 
 
+def _cascade_ctx(children, boosts, partners, vocab=3) -> NodeContext:
+    """CASCADE extras by hand; the kl gate reads a uniform parent law (KL(p ‖ uniform) ≤ log V < 4)."""
+    boosts = torch.tensor([boosts], dtype=torch.float64)
+    return NodeContext(extras={"child_tokens": torch.tensor([children]), "depth_boost": boosts, "depth_ok": boosts > 0,
+                               "partner_tokens": torch.tensor([partners]),
+                               "parent_lsn": torch.full((1, vocab), -math.log(vocab), dtype=torch.float64)})
+
+
 def test_cascade_acceptance_is_p_over_q_minus_s():
     p = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
     q = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
-    extras = {"child_tokens": torch.tensor([[0, 2]]), "depth_boost": torch.tensor([[0.1, 0.0]], dtype=torch.float64),
-              "partner_tokens": torch.tensor([[[1, -1], [-1, -1]]])}
-    ctx = NodeContext(extras=extras)
     rule = get_rule("cascade")
+    accept = lambda ctx, q=q: float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), ctx))
     # s = 0.1 (depth) + p(1) = 0.3 (breadth) = 0.4 → min(1, 0.2 / (0.5 − 0.4)) = 1
-    assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), ctx)) == pytest.approx(1.0)
-    extras["depth_boost"] = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
-    extras["partner_tokens"] = torch.tensor([[[-1, -1], [-1, -1]]])
-    # no partner, boost 0 → strict 0.4; with depth boost 0.2: 0.2 / 0.3
-    assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), ctx)) == pytest.approx(0.4)
-    extras["depth_boost"] = torch.tensor([[0.2, 0.0]], dtype=torch.float64)
-    assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), ctx)) == pytest.approx(2 / 3)
+    assert accept(_cascade_ctx([0, 2], [0.1, 0.0], [[1, -1], [-1, -1]])) == pytest.approx(1.0)
+    # no partner, no depth signal → strict 0.4; with depth boost 0.2: 0.2 / 0.3
+    assert accept(_cascade_ctx([0, 2], [0.0, 0.0], [[-1, -1], [-1, -1]])) == pytest.approx(0.4)
+    with_depth = _cascade_ctx([0, 2], [0.2, 0.0], [[-1, -1], [-1, -1]])
+    assert accept(with_depth) == pytest.approx(2 / 3)
     # point masses: q = 1 → min(1, 0.2 / 0.8)
-    assert float(rule.accept_prob(NodeState(p=p, q=None), torch.tensor([0]), ctx)) == pytest.approx(0.25)
+    assert accept(with_depth, None) == pytest.approx(0.25)
     bounded = get_rule("cascade_bounded", eps=0.05)  # cap: strict 0.4 + 0.05
-    assert float(bounded.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), ctx)) == pytest.approx(0.45)
+    assert float(bounded.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), with_depth)) == pytest.approx(0.45)
 
 
-def test_gsd_is_not_monotone_in_group_size():
-    """Adding a token with q > p to the cluster lowers p(C)/q(C): GSD's rule, not a bug."""
-    p = torch.tensor([[0.3, 0.26, 0.24, 0.2]], dtype=torch.float64)  # probability order 0, 1, 2, 3
-    q = torch.tensor([[0.5, 0.02, 0.46, 0.02]], dtype=torch.float64)
-    book = torch.zeros(4, 1)  # every code at distance 0: only the rank window and the gap filter act
-    probs = []
-    for g in (0, 2, 4):
-        rule = get_rule("gsd", group_size=g, p_threshold=0.0)
-        rule.bind(RuleResources(vocab=4, codebook=book))
-        probs.append(float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([0]), NodeContext())))
-    assert probs[0] == pytest.approx(0.6)  # G = 0, strict: 0.3 / 0.5
-    assert probs[1] == pytest.approx(1.0)  # G = 2, C = {0, 1}: min(1, 0.56 / 0.52)
-    assert probs[2] == pytest.approx(0.8 / 0.98)  # G = 4, C = {0, 1, 2}
+@pytest.mark.parametrize("count", ["node", "token"])
+def test_cascade_breadth_partner_with_token_zero_counts(count):
+    """Issue 22 repro: depth boost 0, p = [.3,.1,.1,.2,.2,.1], q(2) = .5, x = 2. A partner carrying token 0
+    boosts by p(0) = .3 (accept .1/(.5 − .3) = .5) wherever the −1 padding sits."""
+    p = torch.tensor([[0.3, 0.1, 0.1, 0.2, 0.2, 0.1]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.1, 0.5, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    rule = get_rule("cascade", breadth_count=count)
+    for partners in ([[0, -1]], [[-1, 0]]):
+        ctx = _cascade_ctx([2], [0.0], partners, vocab=6)
+        assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([2]), ctx)) == pytest.approx(0.5)
+
+
+def test_cascade_breadth_counts_partner_nodes_or_distinct_tokens():
+    """Two partner nodes carrying the same token: the authors' code adds p_j(token) once per node."""
+    p = torch.tensor([[0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.6, 0.1, 0.2]], dtype=torch.float64)
+    ctx = _cascade_ctx([1], [0.0], [[0, 0, -1]], vocab=4)
+    per_node = get_rule("cascade").accept_prob(NodeState(p=p, q=q), torch.tensor([1]), ctx)
+    per_token = get_rule("cascade", breadth_count="token").accept_prob(NodeState(p=p, q=q), torch.tensor([1]), ctx)
+    assert float(per_node) == pytest.approx(0.1 / (0.6 - 0.2)) and float(per_token) == pytest.approx(0.1 / (0.6 - 0.1))
+
+
+def test_cascade_kl_gate_reads_the_residual_against_the_normalised_parent_law():
+    """gate=kl: KL(p_j ‖ softmax(normalize(parent logits))) < threshold; it never reads x, so a peaked
+    residual (low entropy, far from the near-uniform reference) closes the depth boost for every candidate."""
+    vocab = 4
+    flat = torch.full((1, vocab), 0.25, dtype=torch.float64)
+    peaked = torch.tensor([[0.97, 0.01, 0.01, 0.01]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.7, 0.1, 0.1]], dtype=torch.float64)
+    ctx = _cascade_ctx([1], [0.3], [[-1]], vocab=vocab)
+    rule = get_rule("cascade", kl_threshold=1.0)  # KL(flat ‖ uniform) = 0; KL(peaked ‖ uniform) ≈ 1.2
+    assert float(rule.accept_prob(NodeState(p=flat, q=q), torch.tensor([1]), ctx)) == pytest.approx(0.25 / (0.7 - 0.3))
+    assert float(rule.accept_prob(NodeState(p=peaked, q=q), torch.tensor([1]), ctx)) == pytest.approx(0.01 / 0.7)
+
+
+def test_cascade_lumina_confidence_gate_gates_depth_and_breadth():
+    """variant=lumina: the boost needs p_j(x) ≥ the probability at which p_j's top mass reaches 0.8."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)  # cumsum .5, .8 → cutoff p = .3
+    q = torch.tensor([[0.1, 0.6, 0.1, 0.2]], dtype=torch.float64)
+    rule = get_rule("cascade", variant="lumina")
+    assert (rule.params["gate"], rule.params["tau_b"], rule.params["depth_repr"]) == ("confidence", 0.5,
+                                                                                      "parent_grandparent")
+    ctx = _cascade_ctx([1, 2], [0.05, 0.05], [[0, -1], [0, -1]], vocab=4)
+    # x = 1 (p = .3, in the top mass): s = .05 + p(0) = .55 → .3 / (.6 − .55) > 1 → 1
+    assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([1]), ctx)) == pytest.approx(1.0)
+    # x = 2 (p = .15, outside): neither boost → strict .15 / .6
+    assert float(rule.accept_prob(NodeState(p=p, q=q.roll(1, -1)), torch.tensor([2]), ctx)) == pytest.approx(0.25)
+
+
+def test_gsd_is_the_reference_cluster():
+    """The window [i − 7, i + 7) in ascending logit order, |p(y) − p(x)| < .15, squared distance < .5."""
+    vocab = 20
+    logits = torch.arange(vocab, dtype=torch.float64)[None]  # ascending order = token order
+    p = torch.full((1, vocab), 0.01, dtype=torch.float64)
+    p[0, 10], p[0, 12], p[0, 17] = 0.3, 0.2, 0.32  # x = 10: window [3, 17) holds 12, not 17
+    p /= p.sum()
+    q = torch.full((1, vocab), 1.0 / vocab, dtype=torch.float64)
+    book = torch.zeros(vocab, 1)
+    book[4] = 1.0  # squared distance 1 ≥ .5: token 4 never joins
+    rule = _bound(get_rule("gsd"), book)
+    ctx = NodeContext(extras={"node_logits": logits})
+    x = torch.tensor([10])
+    window = [t for t in range(3, 17) if t != 4 and abs(float(p[0, t] - p[0, 10])) < 0.15]
+    assert window == [10, 12]  # the 0.01 tokens fail the probability filter; 17 is past i + 7
+    expected = min(1.0, float(p[0, window].sum()) / float(q[0, window].sum()))
+    assert float(rule.accept_prob(NodeState(p=p, q=q), x, ctx)) == pytest.approx(expected)
+    # Rank 5 < 7: the reference's slice starts at a negative index, raises, and falls back to p/q.
+    assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([5]), ctx)) == pytest.approx(float(p[0, 5] / q[0, 5]))
 
 
 # ---------------------------------------------------------------------------- parameters
 def test_parameter_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"delta=-0.1 is out of range; allowed \[0, 1\]"):
         get_rule("lantern", delta=-0.1)
-    with pytest.raises(ConfigError, match="residual='dirty' is not allowed; choose one of 'clean', 'reference-code'"):
+    with pytest.raises(ConfigError, match="residual='dirty' is not allowed; choose one of 'clean', 'reference-code', "
+                                          "'reference-code-lumina'"):
         get_rule("lantern", residual="dirty")
     with pytest.raises(ConfigError, match="parameter 'lam' does not belong to rule 'lantern'"):
         get_rule("lantern", lam=2.0)
@@ -316,8 +407,8 @@ def test_lantern_reference_code_fast_path_equals_the_enumeration(inputs):
 
 
 @pytest.mark.parametrize("name,params", [
-    ("lantern", {"k": 60, "delta": 0.3}), ("lantern", {"k": 60, "delta": 0.6, "residual": "reference-code"}),
-    ("lantern_pp", {"k": 60, "lam": 30.0}),
+    ("lantern", {"k": 60, "delta": 0.3, "residual": "clean"}), ("lantern", {"k": 60, "delta": 0.6}),
+    ("lantern_pp", {"k": 60, "lam": 30.0, "residual": "clean"}),
 ])
 @pytest.mark.parametrize("sharpness", [0.5, 2.0, 6.0])
 def test_lantern_scan_over_many_chunks_matches_the_enumeration(name, params, sharpness):

@@ -51,7 +51,8 @@ class Bundle:
     def rule_resources(self) -> RuleResources:
         """What acceptance rules may read from this bundle (codebook vectors, a cache folder)."""
         cache = str(self.folder / "cache") if self.folder is not None and os.access(self.folder, os.W_OK) else None
-        return RuleResources(vocab=self.target.config.vocab_size, codebook=self.codebook, cache_dir=cache)
+        return RuleResources(vocab=self.target.config.vocab_size, codebook=self.codebook, cache_dir=cache,
+                             token_embeddings=self.target.tok_embeddings.weight)
 
     def drafter(self, name: str) -> torch.nn.Module:
         """The drafter called ``name``; a one-line error lists what the bundle has."""
@@ -148,8 +149,12 @@ def _load_bundle(spec: str | os.PathLike, device: torch.device) -> Bundle:
     return bundle
 
 
-def make_tree(tree: str, *, tree_top_k: int = 10, depth: int = 5, total_tokens: int | str = 60) -> StaticTree | DynamicTreeSpec:
-    """A static preset (``chain-N``, ``tree-25``, ``tree-57``) or ``dynamic`` with its settings."""
+def make_tree(tree: str | StaticTree, *, tree_top_k: int = 10, depth: int = 5, total_tokens: int | str = 60
+              ) -> StaticTree | DynamicTreeSpec:
+    """A static preset (``chain-N``, ``tree-25``, ``tree-57``), a ``StaticTree`` of your own, or ``dynamic``
+    with its settings."""
+    if isinstance(tree, StaticTree):
+        return tree
     if tree == "dynamic":
         if total_tokens == "auto":
             raise ConfigError("total_tokens='auto' must be resolved with cascade_sd.api.auto_total_tokens first")
@@ -170,7 +175,7 @@ def decode(
     labels: Any,
     *,
     method: str = "strict",
-    tree: str = "tree-57",
+    tree: str | StaticTree = "tree-57",
     drafter: str = "eagle",
     seed: int = 0,
     temperature: float = 1.0,
@@ -239,6 +244,8 @@ def decode(
     result = engine.decode(cond, gen, max_rows=max_batch, valid=valid)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
                      "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1}
+    if isinstance(tree, StaticTree):
+        result.stats["tree"] = f"static:{list(tree.paths)}"
     return result
 
 

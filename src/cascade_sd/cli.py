@@ -310,7 +310,8 @@ def audit_cmd(
     results: Path = typer.Option(Path("results"), help="results folder whose MLflow store holds the run"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="workflow config: log a folder's audit as a child run"),
 ) -> None:
-    """Measured drift vs declared bound per run and position; exit 1 when a bound is violated."""
+    """Measured drift vs declared bound per run and position, with each paper's own bound and the
+    share of nodes over it; exit 1 when a declared bound is violated."""
     from analysis.audit import audit_folder, format_audit
     from cascade_sd.io import atomic_write_json, atomic_write_text
 
@@ -333,7 +334,9 @@ def audit_cmd(
     table = format_audit(audits, per_position=per_position)
     typer.echo(table)
     summary = [{"run": a.name, "method": a.method, "params": a.params, "verdict": a.verdict,
-                "violations": a.violations, "inconclusive": a.inconclusive, **a.sequence} for a in audits]
+                "violations": a.violations, "inconclusive": a.inconclusive, **a.sequence,
+                "paper_bound": a.paper_bound, "paper_bound_violated_fraction": a.paper_violated_fraction}
+               for a in audits]
     if run_id is None:
         atomic_write_text(folder / "audit.md", table + "\n")
         atomic_write_json(folder / "audit.json", summary)
@@ -469,7 +472,9 @@ def bench_rules_cmd(
 def rules_cmd() -> None:
     """List the acceptance rules: parameters, defaults, allowed values and whether a TV bound is declared."""
     from cascade_sd.acceptance import RULES
+    from cascade_sd.acceptance.cascade import VARIANTS
 
+    filled = set(VARIANTS["llamagen"])  # parameters whose default is the chosen variant's (CASCADE)
     for name, cls in RULES.items():
         bound = "declares a per-node TV bound" if cls.declares_bound else "no declared bound"
         typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]} [{bound}]")
@@ -478,6 +483,7 @@ def rules_cmd() -> None:
                 "on|off" if spec.kind == "bool" else f"{spec.kind} in {'(' if spec.lo_open else '['}"
                 f"{'-inf' if spec.lo is None else f'{spec.lo:g}'}, {'inf' if spec.hi is None else f'{spec.hi:g}'}]")
             default = {True: "on", False: "off"}.get(spec.default, spec.default) if spec.kind == "bool" else spec.default
+            default = "variant" if default is None and key in filled else default
             typer.echo(f"  --{key.replace('_', '-'):<18} default {default!s:<10} {allowed:<28} {spec.doc}")
 
 

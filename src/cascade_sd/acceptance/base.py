@@ -116,12 +116,14 @@ class Param:
 
 @dataclass
 class RuleResources:
-    """What a rule may need from the bundle, given once per decode: vocabulary size and the
-    tokenizer's codebook vectors [V, d] (None when the bundle has none)."""
+    """What a rule may need from the bundle, given once per decode: vocabulary size, the
+    tokenizer's codebook vectors [V, d] and the target's input token embeddings [V, D] (None when
+    the bundle has none)."""
 
     vocab: int
     codebook: torch.Tensor | None = None
     cache_dir: str | None = None
+    token_embeddings: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,16 +134,31 @@ class TreeView:
     before temperature/filtering); ``target_hidden`` [B, T+1, D]: the target's last hidden state
     (conditional stream); ``drafter_logits`` [B, T+1, V] and ``drafter_hidden`` [B, T+1, D']: the
     drafter's outputs at each node (zeros where it did not run, flagged by ``drafter_ran``
-    [B, T+1]); ``p`` [B, T+1, V]: target laws.
+    [B, T+1]; None unless the rule ``reads_drafter``); ``p`` [B, T+1, V]: target laws; ``params``:
+    the sampling parameters that made p.
     """
 
     tree: Any
     p: torch.Tensor
     target_logits: torch.Tensor
     target_hidden: torch.Tensor
-    drafter_logits: torch.Tensor
-    drafter_hidden: torch.Tensor
-    drafter_ran: torch.Tensor
+    drafter_logits: torch.Tensor | None = None
+    drafter_hidden: torch.Tensor | None = None
+    drafter_ran: torch.Tensor | None = None
+    params: Any = None
+
+
+@dataclass
+class ProbeOutputs:
+    """The models' outputs at hypothetical children x [K] of one node (drift analysis): CFG-guided
+    target logits [K, V], the target's law at x [K, V] and hidden state [K, D], and the drafter's
+    guided logits [K, V] and hidden state [K, D'] (None where the drafter does not run at that level)."""
+
+    target_logits: torch.Tensor
+    target_hidden: torch.Tensor
+    p: torch.Tensor
+    drafter_logits: torch.Tensor | None = None
+    drafter_hidden: torch.Tensor | None = None
 
 
 def normalise(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -173,8 +190,13 @@ class AcceptanceRule(ABC):
     parameters: ClassVar[dict[str, Param]] = {}
     #: Whether the rule states a per-node TV bound (``tv_bound`` returns a tensor, not None).
     declares_bound: ClassVar[bool] = False
+    #: The paper's own per-node bound in words (``paper_bound``), or None.
+    paper_bound_text: ClassVar[str | None] = None
     #: Whether the rule reads the round's draft-tree representations (``prepare``/``node_extras``).
     needs_tree: ClassVar[bool] = False
+    #: Whether it reads the drafter's outputs across the tree (static drafting then expands every
+    #: node above the last level, and the view carries the drafter's logits).
+    reads_drafter: ClassVar[bool] = False
     #: Whether the rule is defined for static (sampled) trees only (LANTERN++'s setting).
     static_tree_only: ClassVar[bool] = False
     #: Parameter that sets the relaxation strength, for sweeps and tests, and whether larger
@@ -209,6 +231,19 @@ class AcceptanceRule(ABC):
     def node_extras(self, prepared: Any, view: TreeView, node: torch.Tensor, kids: torch.Tensor) -> dict[str, Any]:
         """Extras of ``NodeContext`` at ``node`` [B] whose candidate children are ``kids`` [B, K] (−1 padded)."""
         return {}
+
+    @property
+    def draw_dependent(self) -> bool:
+        """Whether a candidate's signals move with the draft draws (its own outputs, its siblings'): then
+        a node's law on a sampled tree needs ``draw_extras`` for every possible draw (DESIGN 6)."""
+        return False
+
+    def draw_extras(self, prepared: Any, view: TreeView, row: int, node: int, seqs: torch.Tensor,
+                    probe: Any) -> dict[str, Any]:
+        """``node_extras`` of one row had the node's children been ``seqs`` [D, n] (one row per draw
+        sequence); ``probe(tokens)`` gives ``ProbeOutputs`` at hypothetical children. Rules whose
+        ``draw_dependent`` is true implement it."""
+        raise NotImplementedError(f"rule {self.name!r} has no draw-dependent signals")
 
     def start(self, p: torch.Tensor, q: torch.Tensor | None, sampled: bool, ctx: NodeContext) -> NodeState:
         """State before the first sibling: the full target law and the drafter law (if sampled)."""
@@ -255,6 +290,12 @@ class AcceptanceRule(ABC):
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor | None:
         """Declared per-node bound [B] on TV(induced law, p) for ``ctx.n_candidates`` siblings drawn
         from q (``sampled``) or q's top tokens as point masses; None when the rule states none."""
+        return None
+
+    def paper_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True
+                    ) -> torch.Tensor | None:
+        """The per-node TV bound the rule's *paper* states [B], reported beside the declared one (it
+        need not hold: e.g. LANTERN's δ assumes point-mass drafts); None when the paper states none."""
         return None
 
     def __repr__(self) -> str:

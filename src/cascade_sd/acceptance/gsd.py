@@ -1,19 +1,31 @@
-"""GSD: grouped verification (DESIGN 4.6; arXiv 2508.07747).
+"""GSD: grouped speculative decoding (DESIGN 4.6; arXiv 2508.07747), as its public code does it.
 
-The cluster C(x) holds x and the tokens within ``group_size``/2 ranks of x in the target's
-probability order that pass two filters: a probability-gap filter (min/max of p_j(x), p_j(y)
-at least ``p_threshold``) and an embedding-distance filter (L2 distance of codebook vectors at
-most ``dist_threshold``). Accept with min(1, p_j(C)/q_j(C)) (q(C) = 1 for point masses); on
-rejection the strict residual. The filters' exact form is not in the paper's text: both are
-named options here. GSD states no per-node bound; its acceptance is not monotone in G.
+Reference: ``junhyukso/GSD`` 4216c7c, ``scheduler/jacobi_iteration_lumina_mgpt.py`` L296–337 (the
+cluster and its acceptance) and L1196–1199 (the distance table). At a node, the tokens are sorted
+by the target's CFG-guided logits in *ascending* order; x sits at index i. The window is the
+``2w`` tokens ``[i − w, i + w)`` (w = 7: 7 below x, x, 6 above; truncated at the top). A window
+token y joins C(x) when ``|p_j(y) − p_j(x)| < p_threshold`` (absolute) and the *squared* L2
+distance between the target model's input token embeddings of y and x is ``< dist_threshold``.
+Accept with min(1, p_j(C)/q_j(C)) (q(C) = 1 for point masses); on rejection the strict residual
+(lossy by design; no bound). When the cluster cannot be formed the reference falls back to
+min(1, p_j(x)/q_j(x)): with ``i < w`` its slice ``[i − w : i + w]`` starts at a negative index,
+comes out empty and the reduction over it raises; here the same tokens take the strict ratio.
+
+Departure (listed in analysis/README.md): the reference filters distances only while every window
+id is below 10000 (its table holds the first 10000 rows of Lumina-mGPT's vocabulary, which covers
+all image tokens); the engine's vocabulary is the image codebook, so every token is filtered.
+Without the node's logits (analyses of bare laws, ``induced_law`` without a tree) the order is
+p_j's (ties by index), which agrees with the logits' order wherever p_j > 0.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, Param, RuleResources, gather
-from cascade_sd.acceptance.strict import strict_residual
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, Param, RuleResources, TreeView, gather
+from cascade_sd.acceptance.strict import strict_ratio, strict_residual
 from cascade_sd.errors import ConfigError
 
 
@@ -21,78 +33,80 @@ class GSDRule(AcceptanceRule):
     """Cluster-level acceptance with the strict residual; no declared bound."""
 
     name = "gsd"
-    residual_independent_of_candidate = True  # strict residual / G*, whatever x was
-    strength = "group_size"
-    sweep = ({}, {"group_size": 2}, {"group_size": 8})
+    residual_independent_of_candidate = True  # the strict residual, whatever x was
+    needs_tree = True  # reads the node's target logits (the sort order)
+    strength = "window"
+    sweep = ({}, {"window": 3}, {"window": 14})
     parameters = {
-        "group_size": Param(4, kind="int", lo=0, doc="G: neighbours in probability order, G/2 each side (0 = strict)"),
-        "p_threshold": Param(0.15, lo=0.0, hi=1.0, doc="probability-gap filter: min(p(x), p(y)) ≥ t·max(p(x), p(y))"),
-        "dist_threshold": Param(0.5, lo=0.0, doc="embedding filter: L2 distance of codebook vectors ≤ t"),
+        "window": Param(7, kind="int", lo=0, doc="w: the window [i − w, i + w) in ascending target-logit order (0 = strict)"),
+        "p_threshold": Param(0.15, lo=0.0, hi=1.0, lo_open=True, doc="probability filter: |p(y) − p(x)| < t"),
+        "dist_threshold": Param(0.5, lo=0.0, lo_open=True,
+                                doc="embedding filter: squared L2 distance of target input embeddings < t"),
     }
-    codebook: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
 
     def bind(self, resources: RuleResources) -> None:
-        """Keep the codebook vectors for the distance filter."""
-        if resources.codebook is None:
-            raise ConfigError("method='gsd' needs a tokenizer codebook; this bundle has none")
-        self.codebook = resources.codebook.detach().double()
+        """Keep the target's input token embeddings for the distance filter."""
+        if resources.token_embeddings is None:
+            raise ConfigError("method='gsd' needs the target's input token embeddings; this bundle has none")
+        self.embeddings = resources.token_embeddings.detach().double()
 
-    def cluster(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Bool [B, V]: C(x) under law p (always contains x)."""
-        half = self.params["group_size"] // 2
-        members = torch.zeros_like(p, dtype=torch.bool).scatter(-1, x.unsqueeze(-1), True)
-        if half == 0:
-            return members
-        if self.codebook is None:
-            raise ConfigError("rule 'gsd' has no codebook; call bind() first")
-        if p.shape[0] > 1 and p.stride(0) == 0:  # one law broadcast over many candidates: sort it once
-            order = torch.argsort(p[:1], dim=-1, descending=True, stable=True).expand_as(p)
-            rank = torch.argsort(order[:1], dim=-1).expand_as(p).gather(-1, x.unsqueeze(-1))
+    def node_extras(self, prepared: Any, view: TreeView, node: torch.Tensor, kids: torch.Tensor) -> dict[str, Any]:
+        """The node's CFG-guided target logits [B, V] (the sort order of the window)."""
+        rows = torch.arange(node.shape[0], device=node.device)
+        return {"node_logits": view.target_logits[rows, node]}
+
+    def _order(self, p: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
+        """Tokens in ascending order of the node's logits (of p_j without them), ties by index [B, V]."""
+        key = ctx.extras.get("node_logits")
+        key = p if key is None else key.expand(p.shape[0], -1)
+        if key.shape[0] > 1 and key.stride(0) == 0:  # one row broadcast over many candidates: sort it once
+            return torch.sort(key[:1].double(), dim=-1, stable=True).indices.expand_as(p)
+        return torch.sort(key.double(), dim=-1, stable=True).indices
+
+    def _windows(self, p: torch.Tensor, x: torch.Tensor, ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(window tokens [B, 2w], in range [B, 2w], cluster formed [B]) of candidates x."""
+        w, vocab = self.params["window"], p.shape[-1]
+        order = self._order(p, ctx)
+        if order.shape[0] > 1 and order.stride(0) == 0:  # one order for every candidate
+            rank = torch.argsort(order[0])[x].unsqueeze(-1)
         else:
-            order = torch.argsort(p, dim=-1, descending=True, stable=True)
-            rank = torch.argsort(order, dim=-1).gather(-1, x.unsqueeze(-1))
-        offsets = torch.arange(-half, half + 1, device=p.device)
-        window = (rank + offsets).clamp(0, p.shape[-1] - 1)
-        tokens = order.gather(-1, window)
-        px, py = gather(p, x).unsqueeze(-1), p.gather(-1, tokens)
-        gap_ok = torch.minimum(px, py) >= self.params["p_threshold"] * torch.maximum(px, py)
-        book = self.codebook.to(p.device)
-        dist_ok = (book[tokens] - book[x].unsqueeze(1)).norm(dim=-1) <= self.params["dist_threshold"]
-        return members.scatter(-1, tokens, gap_ok & dist_ok) | members
+            rank = torch.argsort(order, dim=-1).gather(-1, x.unsqueeze(-1))  # i: x's index in the order
+        at = rank + torch.arange(-w, w, device=p.device)
+        inside = at < vocab
+        formed = rank.squeeze(-1) >= w  # [i − w : i + w] starts at a negative index: no cluster (module docstring)
+        return order.gather(-1, at.clamp(0, vocab - 1)), inside, formed
+
+    def _members(self, p: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """Which window tokens [B, 2w] pass both filters."""
+        if self.embeddings is None:
+            raise ConfigError("rule 'gsd' has no embeddings; call bind() first")
+        book = self.embeddings.to(p.device)
+        gap_ok = (p.gather(-1, tokens) - gather(p, x).unsqueeze(-1)).abs() < self.params["p_threshold"]
+        dist_ok = (book[tokens] - book[x].unsqueeze(-2)).pow(2).sum(-1) < self.params["dist_threshold"]
+        return inside & gap_ok & dist_ok
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
-        """min(1, p_j(C)/q_j(C)); min(1, p_j(C)) for point masses."""
-        members = self.cluster(state.p, x)
-        pc = (state.p * members).sum(-1)
+        """min(1, p_j(C)/q_j(C)); min(1, p_j(C)) for point masses; the strict ratio without a cluster."""
+        strict = strict_ratio(state, x)
+        if self.params["window"] == 0:
+            return strict
+        tokens, inside, formed = self._windows(state.p, x, ctx)
+        member = self._members(state.p, x, tokens, inside)
+        pc = (state.p.gather(-1, tokens) * member).sum(-1)
         if state.q is None:
-            return pc.clamp(max=1.0)
-        qc = (state.q * members).sum(-1)
-        return torch.where(gather(state.q, x) > 0, (pc / qc.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(pc))
+            grouped = pc.clamp(max=1.0)
+        else:
+            qc = (state.q.gather(-1, tokens) * member).sum(-1)
+            grouped = torch.where(gather(state.q, x) > 0, (pc / qc.clamp_min(1e-300)).clamp(max=1.0),
+                                  torch.zeros_like(pc))
+        return torch.where(formed, grouped, strict)
 
     def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
-        """The base class's vectorised law in O(V·G): every token's cluster from its rank window
-        (in-range ranks only, so each member counts once), without V×V membership masks."""
-        half = self.params["group_size"] // 2
-        if half == 0:
-            return super().single_sample_law(state, ctx)
-        if self.codebook is None:
-            raise ConfigError("rule 'gsd' has no codebook; call bind() first")
-        p, q = state.p[0], state.q[0]
-        vocab = p.shape[-1]
-        order = torch.argsort(p, descending=True, stable=True)
-        rank = torch.argsort(order)
-        offsets = torch.tensor([o for o in range(-half, half + 1) if o != 0], device=p.device)
-        window = rank[:, None] + offsets
-        inside = (window >= 0) & (window < vocab)
-        tokens = order[window.clamp(0, vocab - 1)]
-        py = p[tokens]
-        gap_ok = torch.minimum(p[:, None], py) >= self.params["p_threshold"] * torch.maximum(p[:, None], py)
-        book = self.codebook.to(p.device)
-        dist_ok = (book[tokens] - book[:, None]).norm(dim=-1) <= self.params["dist_threshold"]
-        member = inside & gap_ok & dist_ok
-        pc = p + (py * member).sum(-1)
-        qc = q + (q[tokens] * member).sum(-1)
-        return self._mix_with_residual(state, ctx, (pc / qc.clamp_min(1e-300)).clamp(max=1.0))
+        """The base class's vectorised law in O(V·w): every token's window from one sort of the node."""
+        vocab = state.p.shape[-1]
+        every = NodeState(p=state.p.expand(vocab, -1), q=state.q.expand(vocab, -1))
+        return self._mix_with_residual(state, ctx, self.accept_prob(every, torch.arange(vocab, device=state.p.device), ctx))
 
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
         """The strict residual."""

@@ -4,9 +4,19 @@ Neighbours n_1, n_2, … of token x are the other codebook entries by L2 distanc
 (``neighbour_table``, built once per codebook and cached). With c_m = Σ_{i≤m} p_j(n_i) over the
 first k neighbours, A = {x, n_1..n_{m*}} for the largest admissible m*: c_m ≤ δ (LANTERN) or
 c_m ≤ (λ − 1)·p_j(x) (LANTERN++). Accept with min(1, p_j(A)/q_j(x)) (q = 1 for point masses).
-On rejection the *clean* residual zeroes exactly A; the *reference-code* variant zeroes x and
-all k neighbours. (The reference code's static-tree quirk of zeroing them in q is not
-reproduced: drafts here always follow the drafter's own law.)
+
+On rejection the default *reference-code* residuals are the authors' (``jadohu/LANTERN`` 3a56e45;
+LANTERN++ is the same code with δ > 1 read as λ): only when at least one
+neighbour was pooled (m* ≥ 1), the first **k + 1** neighbours ``nearest[x, :k+1]`` (x itself is
+not in that list) are zeroed
+- ``reference-code`` (LlamaGen, ``models/ea_model_llamagen.py`` L646–661): on sampled drafts in the
+  proposal q_j *before* ``[p_j − q_j]_+``, so their target mass stays in the residual; on point-mass
+  drafts (EAGLE-2, L769–778) in p_j, together with x;
+- ``reference-code-lumina`` (``models/ea_model_lumina_mgpt.py`` L696–717): in p_j, then
+  ``[p_j − q_j]_+`` (sampled) or x zeroed (point masses);
+and an all-zero residual falls back to the uniform law (x included), as their code does. The
+*clean* residual (ours, a named option) zeroes exactly A in the strict residual, so the relaxed
+target of DESIGN 4.3 is what a rejection leaves.
 """
 
 from __future__ import annotations
@@ -20,10 +30,13 @@ import torch
 
 from cascade_sd.acceptance.base import (MASS_EPS, AcceptanceRule, NodeContext, NodeState, Param, RuleResources,
                                         chain_bound, gather, normalise, remove_token)
+from cascade_sd.acceptance.law import sequence_law
+from cascade_sd.acceptance.strict import strict_ratio, strict_residual_law
 from cascade_sd.errors import ConfigError, check_range
 from cascade_sd.io import atomic_torch_save
 
 _TABLES: dict[tuple[str, int], torch.Tensor] = {}
+RESIDUALS = ("clean", "reference-code", "reference-code-lumina")
 #: A residual row whose base mass outside Z_x is below this share of the total is summed directly.
 TIGHT = 1e-3
 
@@ -94,7 +107,8 @@ class _LatentProximity(AcceptanceRule):
         self._k_explicit = "k" in params
 
     def bind(self, resources: RuleResources) -> None:
-        """Build (or fetch) the neighbour table of the bundle's codebook; cap or check k against V − 1."""
+        """Build (or fetch) the neighbour table of the bundle's codebook (k + 1 columns, capped at V − 1,
+        for the reference-code residual); cap or check k against V − 1."""
         if resources.codebook is None:
             raise ConfigError(f"method={self.name!r} needs a tokenizer codebook; this bundle has none")
         if resources.codebook.shape[0] != resources.vocab:
@@ -105,14 +119,19 @@ class _LatentProximity(AcceptanceRule):
             if self._k_explicit:
                 raise ConfigError(f"k={k} is out of range; allowed [1, {resources.vocab - 1}] for this codebook")
             k = self.params["k"] = resources.vocab - 1
-        self.neighbours = neighbour_table(resources.codebook, k, resources.cache_dir).long()
+        self.neighbours = neighbour_table(resources.codebook, min(k + 1, resources.vocab - 1), resources.cache_dir).long()
 
     @abstractmethod
     def threshold(self, px: torch.Tensor) -> torch.Tensor:
         """Largest admissible neighbour mass c_{m*} for candidates with p_j(x) = ``px``."""
 
     def _nbrs(self, x: torch.Tensor) -> torch.Tensor:
-        return self._table(x.device)[x]
+        """The k neighbours [..., k] a candidate may pool."""
+        return self._table(x.device)[x, : self.params["k"]]
+
+    @property
+    def _reference(self) -> bool:
+        return self.params["residual"] != "clean"
 
     def _set(self, p: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(neighbours [..., k], in-A mask [..., k], c_{m*} [...]) of candidates x under law p."""
@@ -131,22 +150,33 @@ class _LatentProximity(AcceptanceRule):
         qx = gather(state.q, x)
         return torch.where(qx > 0, (pa / qx.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(pa))
 
-    def _zeroed(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Mask [B, V] of the tokens the residual loses: A (clean) or x with all k neighbours."""
-        nbrs, inside, _ = self._set(p, x)
-        if self.params["residual"] == "reference-code":
-            inside = torch.ones_like(inside)
-        mask = torch.zeros_like(p, dtype=torch.bool).scatter(-1, x.unsqueeze(-1), True)
-        return mask.scatter(-1, nbrs, inside) | mask
-
     def reject(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> NodeState:
-        """Residual without the zeroed set; the proposal loses x (sampling without replacement)."""
-        keep = ~self._zeroed(state.p, x)
+        """The next residual (module docstring); the proposal loses x (sampling without replacement)."""
+        if self._reference:
+            return self._reference_residual(state, x)
+        nbrs, inside, _ = self._set(state.p, x)
+        keep = ~torch.zeros_like(state.p, dtype=torch.bool).scatter(-1, nbrs, inside).scatter(-1, x.unsqueeze(-1), True)
         outside = normalise(state.p * keep, state.p)
         if state.q is None:
             return NodeState(p=outside, q=None)
         residual = normalise((state.p - state.q).clamp_min(0.0) * keep, outside)
         return NodeState(p=residual, q=remove_token(state.q, x))
+
+    def _reference_residual(self, state: NodeState, x: torch.Tensor) -> NodeState:
+        """The authors' residuals (module docstring): ``nearest[x, :k+1]`` zeroed in q (LlamaGen, sampled)
+        or in p (point masses, Lumina) only when a neighbour was pooled; uniform when nothing is left."""
+        _, inside, _ = self._set(state.p, x)
+        pooled = inside[..., :1].expand(-1, self._table(x.device).shape[1])  # m* ≥ 1: the first neighbour joined A
+        zeroed = torch.zeros_like(state.p, dtype=torch.bool).scatter(-1, self._table(x.device)[x], pooled)
+        uniform = torch.full_like(state.p, 1.0 / state.p.shape[-1])
+        if state.q is None:
+            kept = state.p.scatter(-1, x.unsqueeze(-1), 0.0).masked_fill(zeroed, 0.0)
+            return NodeState(p=normalise(kept, uniform), q=None)
+        if self.params["residual"] == "reference-code":
+            mass = (state.p - state.q.masked_fill(zeroed, 0.0)).clamp_min(0.0)
+        else:
+            mass = (state.p.masked_fill(zeroed, 0.0) - state.q).clamp_min(0.0)
+        return NodeState(p=normalise(mass, uniform), q=remove_token(state.q, x))
 
     def _scan(self, p: torch.Tensor, q: torch.Tensor) -> _Scan:
         """Neighbour scan of every token x of one node (p, q: [V]), only as far as the law needs.
@@ -156,7 +186,7 @@ class _LatentProximity(AcceptanceRule):
         are complete. Chunks grow geometrically; carrying the running sum into each chunk's
         cumsum keeps the comparisons identical to ``_set``'s single cumsum.
         """
-        nbrs = self._table(p.device)
+        nbrs = self._table(p.device)[:, : self.params["k"]]
         thr = self.threshold(p)
         c, m = torch.zeros_like(p), torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
         active, open_ = torch.nonzero(q > p).flatten(), []
@@ -176,10 +206,13 @@ class _LatentProximity(AcceptanceRule):
         return _Scan(c=c, rejected=rejected, m=m[rejected])
 
     def single_sample_law(self, state: NodeState, ctx: NodeContext) -> torch.Tensor:
-        """The enumerated law in O(V + |W|·k) (``accept_prob``'s formula for every token at once):
+        """The enumerated law; for the clean residual in O(V + |W|·k) (``accept_prob``'s formula for every token at once):
         the residual after rejecting x ∈ W is a base law with x's zeroed set Z_x removed and
         renormalised, so Σ_x w_x·R_x is one scatter over W's neighbour rows (same fallbacks as
         ``reject``; tests prove it equals the enumeration)."""
+        if self._reference:  # every draw through accept_prob / bonus_after_reject
+            support = torch.nonzero(state.q[0] > 0).flatten()
+            return sequence_law(self, state.p, state.q, ctx, support[:, None], state.q[0, support])
         p, q = state.p[0], state.q[0]
         scan = self._scan(p, q)
         w = scan.rejected
@@ -212,11 +245,8 @@ class _LatentProximity(AcceptanceRule):
         return law + weight.sum() * p  # both empty: ``normalise`` falls back to p
 
     def _zeroed_rows(self, scan: _Scan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neighbour rows [|W|, k'] of W and the mask of those the residual zeroes (A_x \\ x, or all k)."""
+        """Neighbour rows [|W|, k'] of W and the mask of those the clean residual zeroes (A_x \\ x)."""
         table = self._table(scan.c.device)
-        if self.params["residual"] == "reference-code":
-            nbrs = table[scan.rejected]
-            return nbrs, torch.ones_like(nbrs, dtype=torch.bool)
         width = int(scan.m.max()) if scan.m.numel() else 0
         nbrs = table[scan.rejected, :width]
         return nbrs, torch.arange(width, device=nbrs.device) < scan.m[:, None]
@@ -247,11 +277,38 @@ class _LatentProximity(AcceptanceRule):
             raise ConfigError(f"rule {self.name!r} has no neighbour table; call bind() with a codebook first")
         return self.neighbours.to(device)
 
+    def _coupling_first(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, sampled: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(β₀, a₀) of the first sibling for any residual, through the rule's own methods: coupled with
+        strict verification on the same draw and coin, the two differ when only the relaxed rule
+        accepts (a − a_strict) or when both reject and the residuals differ (TV of the two)."""
+        first, accept = [], []
+        for pr, qr in zip(p, q):
+            if sampled:
+                xs = torch.nonzero(qr > 0).flatten()
+                w = qr[xs]
+                state = NodeState(p=pr.expand(len(xs), -1), q=qr.expand(len(xs), -1))
+            else:
+                xs = torch.argsort(qr, descending=True, stable=True)[:1]
+                w = torch.ones(1, dtype=pr.dtype, device=pr.device)
+                state = NodeState(p=pr[None], q=None)
+            a, a_strict = self.accept_prob(state, xs, ctx), strict_ratio(state, xs)
+            relaxed, strict = self.bonus_after_reject(state, xs, ctx), strict_residual_law(state, xs)
+            split = 0.5 * (relaxed - strict).abs().sum(-1)
+            first.append((w * ((a - a_strict).clamp_min(0.0) + (1 - a) * split)).sum())
+            accept.append((w * a).sum())
+        return torch.stack(first), torch.stack(accept)
+
     def tv_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
-        """Sampled siblings: coupling bound β₀ + (1 − a₀)·(n − 1) (capped at 1; the papers' per-node
-        δ does not carry over to sampled candidates). Point masses: Σ_j reach_j·c_{m*,j} along the
-        deterministic sibling chain (the relaxed target moves c_{m*} onto x, TV(p, p̃) = c_{m*});
-        the reference-code residual also drops the other neighbours, so its term is their whole mass."""
+        """Certified per-node bound. Clean residual, sampled siblings: coupling bound β₀ + (1 − a₀)·(n − 1)
+        (capped at 1); point masses: Σ_j reach_j·c_{m*,j} along the deterministic sibling chain (the
+        relaxed target moves c_{m*} onto x, TV(p, p̃) = c_{m*}). Reference-code residuals: the same
+        coupling bound with β₀ from the rule's own methods (their residual also drops neighbours
+        outside A). The papers' own bounds (δ; (λ − 1)·p(x)) are ``paper_bound``: they hold for
+        point-mass drafts only."""
+        if self._reference:
+            first, accept = self._coupling_first(p, q, ctx, sampled)
+            return chain_bound(first, accept, ctx.n_candidates, 1.0)
         if sampled:
             first, accept = self._first_sampled(p, q)
             return chain_bound(first, accept, ctx.n_candidates, 1.0)
@@ -261,9 +318,7 @@ class _LatentProximity(AcceptanceRule):
         bound = torch.zeros_like(reach)
         for j in range(int(n.max()) if n.numel() else 0):
             x = order[:, j]
-            nbrs, _, c = self._set(state.p, x)
-            if self.params["residual"] == "reference-code":  # all k neighbours lose their mass
-                c = state.p.gather(-1, nbrs).sum(-1)
+            _, _, c = self._set(state.p, x)
             live = j < n
             bound = bound + torch.where(live, reach * c, torch.zeros_like(c))
             reach = reach * (1 - self.accept_prob(state, x, ctx))
@@ -281,11 +336,18 @@ class LanternRule(_LatentProximity):
     parameters = {
         "k": Param(1000, kind="int", lo=1, doc="neighbours considered (default capped at V − 1)"),
         "delta": Param(0.1, lo=0.0, hi=1.0, doc="δ, largest neighbour mass moved onto the candidate"),
-        "residual": Param("clean", kind="choice", choices=("clean", "reference-code"), doc="residual variant"),
+        "residual": Param("reference-code", kind="choice", choices=RESIDUALS,
+                          doc="residual: the authors' LlamaGen or Lumina code, or clean (ours; module docstring)"),
     }
+
+    paper_bound_text = "δ"
 
     def threshold(self, px: torch.Tensor) -> torch.Tensor:
         return torch.full_like(px, self.params["delta"])
+
+    def paper_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
+        """LANTERN's TV(p, p̃) ≤ δ (arXiv 2410.03355, its relaxed target for one drafted token)."""
+        return torch.full(p.shape[:-1], self.params["delta"], dtype=p.dtype, device=p.device)
 
 
 class LanternPPRule(_LatentProximity):
@@ -299,8 +361,19 @@ class LanternPPRule(_LatentProximity):
     parameters = {
         "k": Param(10, kind="int", lo=1, doc="neighbours considered (paper: 5 or 10)"),
         "lam": Param(5.0, lo=1.0, doc="λ ≥ 1, multiplicative bound p(A) ≤ λ·p(x) (paper: 5, 10, 20)"),
-        "residual": Param("clean", kind="choice", choices=("clean", "reference-code"), doc="residual variant"),
+        "residual": Param("reference-code", kind="choice", choices=RESIDUALS,
+                          doc="residual: the authors' LlamaGen or Lumina code, or clean (ours; module docstring)"),
     }
+
+    paper_bound_text = "(λ − 1)·p(x)"
 
     def threshold(self, px: torch.Tensor) -> torch.Tensor:
         return (self.params["lam"] - 1.0) * px
+
+    def paper_bound(self, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, *, sampled: bool = True) -> torch.Tensor:
+        """LANTERN++'s TV ≤ (λ − 1)·p(x) for the drafted token x (arXiv 2502.06352), at the node's first
+        candidate: averaged over its draw x ~ q (sampled), or q's top token (point masses)."""
+        if sampled:
+            return (self.params["lam"] - 1.0) * (q * p).sum(-1)
+        top = torch.argsort(q, dim=-1, descending=True, stable=True)[..., :1]
+        return (self.params["lam"] - 1.0) * p.gather(-1, top).squeeze(-1)

@@ -27,6 +27,46 @@ def _without(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, out / total.clamp_min(1e-300), torch.zeros_like(out))
 
 
+def sequence_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, seqs: torch.Tensor,
+                 weights: torch.Tensor, drawn: torch.Tensor | None = None, *, chunk: int = 512) -> torch.Tensor:
+    """Law [V] of the token a node emits, averaged over given sibling draw sequences ``seqs`` [D, n]
+    with ``weights`` [D] (their probabilities for an exact enumeration, 1/D for a Monte-Carlo
+    estimate); the accept/reject coins are marginalised exactly through the rule's methods.
+
+    ``drawn`` [D, n] marks which entries were really drawn (False once q is exhausted: the branch
+    goes straight to the bonus token). ``ctx.extras`` hold one row for every draw or a row per draw
+    sequence (draw-dependent signals); draws are processed ``chunk`` at a time.
+    """
+    p, q = _as_rows(p), _as_rows(q)
+    draws, vocab = seqs.shape[0], p.shape[-1]
+    law = torch.zeros(vocab, dtype=torch.float64, device=p.device)
+    for lo in range(0, draws, chunk):
+        part = slice(lo, min(lo + chunk, draws))
+        d = part.stop - part.start
+        sub = ctx if not _per_draw(ctx, draws) else ctx.rows(torch.arange(part.start, part.stop), draws)
+        state = rule.start(p.expand(d, vocab), q.expand(d, vocab), True, sub)
+        weight = weights[part].to(torch.float64)
+        for j in range(seqs.shape[1]):
+            if drawn is not None:
+                live = drawn[part, j]
+                law += (weight * ~live).unsqueeze(-1).mul(rule.bonus_law(state, sub)).sum(0)
+                weight = weight * live
+            x = seqs[part, j]
+            a = rule.accept_prob(state, x, sub)
+            law.index_add_(0, x, weight * a)
+            weight = weight * (1 - a)
+            if j == seqs.shape[1] - 1:  # every sibling rejected: the bonus from the last residual
+                law += (weight.unsqueeze(-1) * rule.bonus_after_reject(state, x, sub)).sum(0)
+            else:
+                state = rule.reject(state, x, sub)
+    return law
+
+
+def _per_draw(ctx: NodeContext, draws: int) -> bool:
+    """Whether ``ctx`` carries a row of extras per draw sequence (else one row shared by all)."""
+    return any(torch.is_tensor(v) and v.dim() and v.shape[0] == draws and draws > 1 for v in ctx.extras.values())
+
+
 def induced_law(
     rule: AcceptanceRule,
     p: torch.Tensor,
