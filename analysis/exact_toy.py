@@ -9,11 +9,12 @@ from q in rank order), level by level, which limits them to tiny trees and vocab
 
 Two sequence bounds are computed exactly. ``hybrid_bound`` = Σ_t E[TV(method's law of token t
 given the emitted prefix, p(· | prefix))], from the joint law itself: TV(method, target) is at
-most this (hybrid argument). ``node_drift_sum`` = E[Σ over verified nodes of TV(induced law, p)]
-with the node laws of ``induced_law`` (marginalised over the node's own draws, conditioned on the
-path), the quantity drift recording measures on real runs; it is at least the hybrid bound by
-convexity. It needs node laws that do not depend on the realised draws, so it is None for
-tree-reading rules (CASCADE) on sampled static trees, whose signals move with the draws.
+most this (hybrid argument). ``node_drift_sum`` = E[Σ over verified nodes of TV(node law, p)],
+the quantity drift recording measures on real runs; it is at least the hybrid bound by convexity.
+The node law is what the enumerated walk emits at the node, averaged over every draw of the
+node's subtree given the rest of the realised tree (the path, siblings, cousins): computed from
+whole-tree realisations, each with the signals the engine gives that realisation, so it checks
+the recorder's per-draw signals (``draw_extras``) without sharing their code.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Iterator
 import torch
 
 from cascade_sd import api
-from cascade_sd.acceptance import NodeContext, get_rule, induced_law
+from cascade_sd.acceptance import NodeContext, get_rule
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams
 from cascade_sd.decoding.tree import DraftTree, StaticTree
@@ -42,7 +43,7 @@ class JointLaw:
 
     law: dict[tuple[int, ...], float]
     hybrid_bound: float
-    node_drift_sum: float | None
+    node_drift_sum: float
 
     def tv(self, other: dict[tuple[int, ...], float]) -> float:
         """Exact TV distance to another sequence law."""
@@ -70,8 +71,9 @@ def _draw_prob(q: torch.Tensor, seq: tuple[int, ...]) -> float:
 
 
 def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.Tensor,
-                  ) -> Iterator[tuple[DraftTree, torch.Tensor, object, object, float]]:
-    """Every static draft-tree realisation with its probability (level by level, through ``round_at``)."""
+                  ) -> Iterator[tuple[DraftTree, torch.Tensor, object, object, float, torch.Tensor]]:
+    """Every static draft-tree realisation with its probability and its drafted tokens [1, T+1] (−1 =
+    not drawn), level by level, through ``round_at``."""
     tree: StaticTree = engine.tree
     n1 = tree.size + 1
     parent = tree.parent.tolist()
@@ -81,7 +83,7 @@ def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.T
     def rec(forced: torch.Tensor, level: int, prob: float):
         out = engine.round_at(cond, prefix, forced=forced)
         if level > tree.depth:
-            yield (*out, prob)
+            yield (*out, prob, forced)
             return
         drafted = out[0]
         groups: dict[int, list[int]] = {}
@@ -116,12 +118,15 @@ def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.T
 
 
 def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
-          ) -> list[tuple[tuple[int, ...], float, float]]:
-    """Enumerated walk (mirrors ``walk_tree``): (emitted block, probability, expected drift) outcomes."""
-    outcomes: list[tuple[tuple[int, ...], float, float]] = []
+          ) -> tuple[list[tuple[tuple[int, ...], float]], list[tuple[int, float, torch.Tensor]]]:
+    """Enumerated walk of one realised tree (mirrors ``walk_tree``): its (emitted block, probability)
+    outcomes, and every verified node with the probability the walk verifies it and the law it emits
+    there given this realisation."""
+    outcomes: list[tuple[tuple[int, ...], float]] = []
+    visits: list[tuple[int, float, torch.Tensor]] = []
     q = tree.q[0]
 
-    def rec(node: int, depth: int, accepted: int, emitted: tuple[int, ...], prob: float, drift: float) -> None:
+    def rec(node: int, depth: int, accepted: int, emitted: tuple[int, ...], prob: float) -> None:
         kids = tree.children[0, node]
         kids = kids[kids >= 0]
         extras = rule.node_extras(prepared, view, torch.tensor([node]), kids[None]) if view is not None else {}
@@ -130,10 +135,9 @@ def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
         if len(kids) == 0 or accepted >= limit:
             law = rule.bonus_law(rule.start(pn[None], q[node][None], tree.sampled, ctx), ctx)[0]
             for y in torch.nonzero(law > 0).squeeze(-1).tolist():
-                outcomes.append((emitted + (y,), prob * float(law[y]), drift))
+                outcomes.append((emitted + (y,), prob * float(law[y])))
             return
-        node_law = induced_law(rule, pn, q[node].double(), n_candidates=len(kids), sampled=tree.sampled, context=ctx)
-        drift = drift + float(tv_distance(node_law, pn))
+        emits = torch.zeros_like(pn)
         state = rule.start(pn[None], q[node][None].double(), tree.sampled, ctx)
         weight, rejected = 1.0, set()
         for kid in kids.tolist():
@@ -141,19 +145,40 @@ def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
             if x in rejected:  # DESIGN 4.1: a sibling equal to a rejected one is skipped
                 continue
             a = float(rule.accept_prob(state, torch.tensor([x]), ctx)[0])
+            emits[x] += weight * a
             if a > 0:
-                rec(kid, depth + 1, accepted + 1, emitted + (x,), prob * weight * a, drift)
+                rec(kid, depth + 1, accepted + 1, emitted + (x,), prob * weight * a)
             weight *= 1 - a
             if weight <= 0:
-                return
+                break
             state = rule.reject(state, torch.tensor([x]), ctx)
             rejected.add(x)
-        law = rule.bonus_law(state, ctx)[0]
-        for y in torch.nonzero(law > 0).squeeze(-1).tolist():
-            outcomes.append((emitted + (y,), prob * weight * float(law[y]), drift))
+        if weight > 0:
+            law = rule.bonus_law(state, ctx)[0]
+            emits += weight * law
+            for y in torch.nonzero(law > 0).squeeze(-1).tolist():
+                outcomes.append((emitted + (y,), prob * weight * float(law[y])))
+        visits.append((node, prob, emits))
 
-    rec(0, 1, 0, (), 1.0, 0.0)
-    return outcomes
+    rec(0, 1, 0, (), 1.0)
+    return outcomes, visits
+
+
+def _round_drift(found: list, walks: list, descendants: list[set[int]] | None) -> float:
+    """E[Σ over the round's verified nodes of TV(node law, p)]: node laws averaged over the draws of
+    each node's subtree given the rest of the realisation (``descendants`` of every node; None for a
+    dynamic tree, whose only realisation is the draft)."""
+    groups: dict[tuple, list] = {}
+    for (drafted, p, _, _, weight, forced), (_, visits) in zip(found, walks):
+        for node, reach, emits in visits:
+            rest = () if descendants is None else tuple(
+                int(t) for i, t in enumerate(forced[0].tolist()) if i not in descendants[node])
+            group = groups.setdefault((node, rest), [reach, 0.0, torch.zeros_like(emits), p[0, node].double()])
+            if abs(group[0] - reach) > 1e-9:  # the walk reaches a node whatever its own subtree holds
+                raise AssertionError(f"reach of node {node} depends on its subtree draws: {group[0]} vs {reach}")
+            group[1] += weight
+            group[2] += weight * emits
+    return sum(reach * mass * float(tv_distance(acc / mass, pn)) for reach, mass, acc, pn in groups.values() if mass > 0)
 
 
 def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", tree: str | StaticTree = "chain-2",
@@ -175,39 +200,41 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
     cond = torch.tensor([label])
     with torch.no_grad():
         first = engine._law(engine._prefill(engine._setup(cond)).logits[:, -1])[0].double()
-    rounds: dict[tuple[int, ...], list[tuple[tuple[int, ...], float, float]]] = {}
+    rounds: dict[tuple[int, ...], tuple[list[tuple[tuple[int, ...], float]], float]] = {}
+    descendants = None
+    if isinstance(shape, StaticTree):
+        anc = engine.static_anc[0].cpu()  # anc[v, u]: u is an ancestor-or-self of v
+        descendants = [set((anc[:, u].nonzero().flatten()).tolist()) - {u} for u in range(shape.size + 1)]
 
-    def block_law(prefix: tuple[int, ...]) -> list[tuple[tuple[int, ...], float, float]]:
+    def block_law(prefix: tuple[int, ...]) -> tuple[list[tuple[tuple[int, ...], float]], float]:
         if prefix not in rounds:
             pre = torch.tensor([prefix])
             if isinstance(shape, StaticTree):
                 found = list(_realisations(engine, cond, pre))
             else:
-                found = [(*engine.round_at(cond, pre), 1.0)]
-            merged: list[tuple[tuple[int, ...], float, float]] = []
-            for drafted, p, view, prepared, weight in found:
-                for block, prob, drift in _walk(rule, drafted, p, view, prepared, n - 1 - len(prefix)):
-                    merged.append((block, weight * prob, drift))
-            rounds[prefix] = merged
+                found = [(*engine.round_at(cond, pre), 1.0, None)]
+            walks = [_walk(rule, drafted, p, view, prepared, n - 1 - len(prefix))
+                     for drafted, p, view, prepared, _, _ in found]
+            merged = [(block, r[4] * prob) for r, (outs, _) in zip(found, walks) for block, prob in outs]
+            rounds[prefix] = merged, _round_drift(found, walks, descendants)
         return rounds[prefix]
 
     law: dict[tuple[int, ...], float] = {}
     expected = 0.0
-    node_laws_exact = not (rule.needs_tree and isinstance(shape, StaticTree))
     frontier = {(y,): float(first[y]) for y in torch.nonzero(first > 0).squeeze(-1).tolist()}
     while frontier:
         nxt: dict[tuple[int, ...], float] = {}
         for prefix, prob in frontier.items():
-            for block, p_block, drift in block_law(prefix):
+            blocks, drift = block_law(prefix)
+            expected += prob * drift
+            for block, p_block in blocks:
                 seq = prefix + block
-                expected += prob * p_block * drift
                 target = law if len(seq) >= n else nxt
                 target[seq[:n]] = target.get(seq[:n], 0.0) + prob * p_block
         frontier = nxt
     conditionals = target_conditionals(bundle, label, temperature=temperature, top_k=top_k, top_p=top_p,
                                        cfg_scale=cfg_scale)
-    return JointLaw(law=law, hybrid_bound=hybrid_bound(law, conditionals),
-                    node_drift_sum=expected if node_laws_exact else None)
+    return JointLaw(law=law, hybrid_bound=hybrid_bound(law, conditionals), node_drift_sum=expected)
 
 
 def target_conditionals(bundle: api.Bundle, label: int, *, temperature: float = 1.0, top_k: int = 0,

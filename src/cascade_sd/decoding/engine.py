@@ -29,7 +29,7 @@ from functools import partial
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, TreeView
+from cascade_sd.acceptance.base import AcceptanceRule, ProbeOutputs, TreeView
 from cascade_sd.decoding.processing import (
     NodeLaws,
     SamplingParams,
@@ -41,9 +41,13 @@ from cascade_sd.decoding.processing import (
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, inference_decode, with_null_condition
 from cascade_sd.decoding.verify import walk_tree
-from cascade_sd.metrics.drift import DriftRecorder
+from cascade_sd.metrics.drift import DrawSignals, DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
 from cascade_sd.models.gpt import GPTOutput
+
+
+#: Hypothetical children probed per forward when drift recording needs draw-dependent signals.
+PROBE_CHUNK = 256
 
 
 @dataclass
@@ -151,7 +155,7 @@ class SpeculativeEngine:
         positions = (self.cls + m_streams - 1)[:, None] + depth  # depth-based positions of every node
         positions.clamp_(max=self.max_pos)
         seen = committed[:, None, :]  # every expanded node's drafter mask: these slots and its scratch
-        logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.needs_tree else None
+        logits_all = torch.zeros(b, n1, v, dtype=rnd.logits_root.dtype, device=self.device) if self.rule.reads_drafter else None
         if logits_all is not None:
             logits_all[:, 0] = split_cfg(rnd.logits_root, self.params)
         parents = rnd.q_root[:, None]  # the drafter laws the level's children are drawn from (``uniq_at``)
@@ -207,7 +211,7 @@ class SpeculativeEngine:
         slot[:, 0] = 0
         qs = _outputs(rnd.q_root, spare)
         hs = _outputs(rnd.h_root, spare)
-        ls = _outputs(split_cfg(rnd.logits_root, self.params), spare) if self.rule.needs_tree else None
+        ls = _outputs(split_cfg(rnd.logits_root, self.params), spare) if self.rule.reads_drafter else None
         anc = torch.zeros(b, cap + 1, cap + 1, dtype=torch.bool, device=dev)  # row/col 0 = root
         anc[:, 0, 0] = True
         rows = torch.arange(b, device=dev)[:, None]
@@ -294,13 +298,19 @@ class SpeculativeEngine:
         self.max_pos = cfg.cls_token_num + cfg.block_size - 1
         # Drafter scratch: one slot per drafted node (static) or per stored candidate (dynamic), + trash.
         scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
-        self.drafter_slots = self.n_tokens + scratch + 1
+        # Drift recording of a draw-dependent rule on a sampled tree probes hypothetical children in
+        # slots of their own, after the tree's (no real query ever sees them).
+        probing = self.drift is not None and self.rule.draw_dependent and isinstance(self.tree, StaticTree)
+        self.probe_width = min(PROBE_CHUNK, cfg.vocab_size) if probing else 0
+        self.drafter_probe = self.n_tokens + scratch
+        self.drafter_slots = self.n_tokens + scratch + self.probe_width + 1
         self.drafter_keys = torch.arange(self.drafter_slots, device=self.device)
         self.draft_buffers = None
         if isinstance(self.tree, StaticTree):
             self._prepare_static()
         streams = with_null_condition(target, cond.to(self.device), self.params)
-        self.t_slots = self.cls + self.n_tokens + self.tree.size
+        self.t_slots = self.cls + self.n_tokens + self.tree.size + self.probe_width
+        self.target_probe = self.t_slots - self.probe_width
         # 0, 1, 2, …: every per-round index range is a slice of it (a view, not a new tensor).
         self.iota = torch.arange(max(self.t_slots, streams.shape[0]), device=self.device)
         self.t_keys = self.iota[: self.t_slots]
@@ -378,9 +388,11 @@ class SpeculativeEngine:
         p = NodeLaws(out.logits, self.params) if lazy else self._law(out.logits)
         view = prepared = None
         if self.rule.needs_tree:
+            drafted = tree.drafter if self.rule.reads_drafter else None
             view = TreeView(tree=tree, p=p, target_logits=split_cfg(out.logits, self.params),
-                            target_hidden=out.hidden[:b], drafter_logits=tree.drafter.logits,
-                            drafter_hidden=tree.drafter.hidden, drafter_ran=tree.drafter.ran)
+                            target_hidden=out.hidden[:b], drafter_logits=drafted and drafted.logits,
+                            drafter_hidden=drafted and drafted.hidden, drafter_ran=drafted and drafted.ran,
+                            params=self.params)
             prepared = self.rule.prepare(view)
         return out, p, view, prepared
 
@@ -458,7 +470,8 @@ class SpeculativeEngine:
             tree = self._draft(rnd, tokens[self.iota[:live], m - 1], m, generator)
             out, p, view, prepared = self._verify(tree, m)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
-            visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images)
+            visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images,
+                                                            view=view, prepared=prepared)
             walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=n - 1 - m, view=view,
                              prepared=prepared, visit=visit)
             a = walk.accepted
@@ -492,7 +505,7 @@ class SpeculativeEngine:
         arrays = {}
         if self.drift is not None:
             stats |= self.drift.summary()
-            arrays = {"drift": self.drift.drift, "drift_bound": self.drift.bound, "drift_exact": self.drift.exact}
+            arrays = self.drift.arrays()
         return DecodeResult(tokens=result, stats=stats, arrays=arrays)
 
     def _commit(self, tokens, tree: DraftTree, walk, m: torch.Tensor, out):
@@ -530,11 +543,55 @@ class SpeculativeEngine:
         return self._timed("drafter", self.drafter.target_features, sel, forwards=0)
 
     def _record_drift(self, rows: torch.Tensor, nodes: torch.Tensor, ctx, *, tree: DraftTree, p: torch.Tensor,
-                      m: torch.Tensor, images: torch.Tensor) -> None:
+                      m: torch.Tensor, images: torch.Tensor, view: TreeView | None, prepared) -> None:
         """Drift of the verified nodes: the token a node at depth d emits lands at position m + d − 1."""
         every = torch.arange(p.shape[0], device=p.device)
+        draws = None
+        if self.probe_width:
+            draws = DrawSignals(prepared=prepared, view=view, nodes=nodes, probe=partial(self._probe, tree=tree, m=m))
         self.drift.visit(rows, m + ctx.depth - 1, p[every, nodes], tree.q[every, nodes], tree.sampled, ctx,
-                         images=images)
+                         images=images, draws=draws)
+
+    @torch.no_grad()
+    def _probe(self, row: int, node: int, tokens: torch.Tensor, *, tree: DraftTree, m: torch.Tensor) -> ProbeOutputs:
+        """The target's and drafter's outputs at hypothetical children ``tokens`` [K] of ``node`` in batch
+        row ``row``, computed as the verify and drafting forwards would have (positions, ancestors,
+        cached prefix), ``probe_width`` at a time in the probe slots; nothing real is overwritten."""
+        dev, c = self.device, self.probe_width
+        stream_rows = self._rep_rows(torch.tensor([row], device=dev))
+        depth = int(tree.depth[row, node])
+        base = int(self.cls + m[row] - 1)
+        pos = min(base + depth + 1, self.max_pos)
+        anc = tree.ancestor_mask()[row, node].nonzero().flatten()  # ancestors-or-self of the node
+        seen = self.t_keys < base
+        seen[base + anc] = True
+        drafted = None if not self.rule.reads_drafter or depth + 1 >= self.tree.depth else anc[anc > 0]
+        parts: list[list] = []
+        for lo in range(0, tokens.numel(), c):
+            chunk = tokens[lo : lo + c].to(dev)
+            k = chunk.numel()
+            own = torch.arange(k, device=dev)
+            slots = self.target_probe + own
+            mask = seen.expand(k, -1).clone()
+            mask[own, slots] = True
+            out = self.target.step(self.target.embed_tokens(self._rep(chunk[None])),
+                                   positions=torch.full((k,), pos, device=dev), slots=slots,
+                                   attn_mask=self._rep(mask[None]), return_hidden=True, rows=stream_rows)
+            logits = split_cfg(out.logits, self.params)[0]
+            part = [logits, out.hidden[0], self._law(out.logits)[0], None, None]
+            if drafted is not None:  # the drafter's step for node x: its parent's feature and x's token
+                dslots = self.drafter_probe + own
+                dmask = (self.drafter_keys < m[row]).expand(k, -1).clone()
+                dmask[:, self.n_tokens + drafted - 1] = True
+                dmask[own, dslots] = True
+                h = self.draft_buffers[3][stream_rows, node][:, None].expand(-1, k, -1)
+                d_logits, d_hidden = self.drafter.step(h, self._rep(chunk[None]), positions=torch.full((k,), pos, device=dev),
+                                                       slots=dslots, attn_mask=self._rep(dmask[None]), rows=stream_rows)
+                part[3:] = [split_cfg(d_logits, self.params)[0], d_hidden[0]]
+            parts.append(part)
+        cat = [None if parts[0][i] is None else torch.cat([pt[i] for pt in parts]) for i in range(5)]
+        return ProbeOutputs(target_logits=cat[0], target_hidden=cat[1], p=cat[2], drafter_logits=cat[3],
+                            drafter_hidden=cat[4])
 
     def _prepare_static(self) -> None:
         tree: StaticTree = self.tree
@@ -556,11 +613,11 @@ class SpeculativeEngine:
             uniq, where = torch.unique(parent, return_inverse=True)
             kmax = int(rank[nodes].max()) + 1
             # The drafter expands the nodes whose children are drafted; rules that read the drafter's
-            # outputs across the tree (``needs_tree``) get them at every node above the last level.
+            # outputs across the tree (``reads_drafter``) get them at every node above the last level.
             if d == tree.depth:
                 expand = nodes[:0]
             else:
-                expand = nodes if self.rule.needs_tree else torch.unique(self.static_parent[levels[d]])
+                expand = nodes if self.rule.reads_drafter else torch.unique(self.static_parent[levels[d]])
             self.static_ran[expand] = True
             # Drafted node i (i ≥ 1) writes drafter scratch slot n_tokens + i − 1 (the root is committed).
             scratch = torch.zeros(len(expand), self.drafter_slots, dtype=torch.bool, device=dev)

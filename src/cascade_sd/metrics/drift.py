@@ -1,25 +1,33 @@
 """Per-node drift along real runs (DESIGN 6): TV(law a node emits, target law p) at every visited node.
 
-The law of a node comes from the rule's own methods (``induced_law``). Enumeration is exact for
+The law of a node comes from the rule's own methods. It is marginalised over the node's own draft
+draws, conditioned on the path taken and on the rest of the tree. Enumeration is exact for
 point-mass candidates and single sampled candidates, and for several sampled siblings while the
 V^n draw sequences stay small; beyond that (static trees with many children on a real
 vocabulary) the law is a Rao-Blackwellised Monte-Carlo estimate: sibling draws are sampled, the
 accept/reject coins are marginalised exactly, and strict verification on the same draws serves
-as a control variate. Its TV is still biased upward by the remaining noise; such nodes are
-flagged as not exact. Rules that read the draft tree (CASCADE) on sampled trees
-are also flagged: their node law is computed with the signals of the realised draft, which move
-with the very draws the law should be marginalised over, so it is conditional, not the node law.
+as a control variate. Its TV is biased upward by the remaining noise; such nodes are flagged as
+not exact and carry a batch-means standard error.
+
+Rules whose signals move with the draws (CASCADE: a child's own outputs and its siblings')
+evaluate them for every possible draw (``DrawSignals``): the engine probes the target and the
+drafter at each hypothetical child (one batched forward per ``PROBE_CHUNK`` tokens), so the law
+of a single sampled child is exact, and several siblings are enumerated or sampled as above with
+each draw's own signals. No draw is ever treated as if it carried no signal.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext
-from cascade_sd.acceptance.law import induced_law
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, TreeView
+from cascade_sd.acceptance.law import induced_law, sequence_law
 from cascade_sd.acceptance.strict import StrictRule
 
 _STRICT = StrictRule()
@@ -44,21 +52,8 @@ def monte_carlo_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx:
                     seqs: torch.Tensor) -> torch.Tensor:
     """Unbiased estimate [V] of the induced law from given sibling draw sequences [draws, n];
     the accept/reject coins are marginalised exactly through the rule's methods."""
-    draws, vocab = seqs.shape[0], p.shape[-1]
-    state = rule.start(p.expand(draws, vocab), q.expand(draws, vocab), True, ctx)
-    weight = torch.ones(draws, dtype=torch.float64)
-    law = torch.zeros(vocab, dtype=torch.float64)
-    for j in range(seqs.shape[1]):
-        drawn = keys[:, j] > 0  # rows whose q is exhausted go straight to the bonus token
-        law += (weight * ~drawn).unsqueeze(-1).mul(rule.bonus_law(state, ctx)).sum(0)
-        weight = weight * drawn
-        x = seqs[:, j]
-        a = rule.accept_prob(state, x, ctx)
-        law.index_add_(0, x, weight * a)
-        weight = weight * (1 - a)
-        state = rule.reject(state, x, ctx)
-    law += (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)
-    return law / draws
+    weights = torch.full((seqs.shape[0],), 1.0 / seqs.shape[0], dtype=torch.float64)
+    return sequence_law(rule, p, q, ctx, seqs, weights, drawn=keys > 0)
 
 
 def node_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, *, n_candidates: int, sampled: bool,
@@ -71,12 +66,75 @@ def node_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, *, n_candid
     """
     support = int((q > 0).sum())
     n_eff = min(n_candidates, support)
-    exact = not (sampled and rule.needs_tree)
+    exact = not (sampled and rule.draw_dependent)  # without DrawSignals, such a law would be conditional
     if not sampled or n_eff <= 1 or float(support) ** n_eff * p.shape[-1] <= EXACT_LIMIT:
         return induced_law(rule, p, q, n_candidates=n_candidates, sampled=sampled, context=ctx), exact
     keys, seqs = _draw_sequences(q, n_candidates, mc_draws, generator)
     estimate = monte_carlo_law(rule, p, q, ctx, keys, seqs) - monte_carlo_law(_STRICT, p, q, ctx, keys, seqs)
     return p + estimate, False
+
+
+@dataclass
+class DrawSignals:
+    """What a node law needs when the rule's signals move with the draws: the rule's round signals
+    (``prepared``), the round's view, the node of every batch row [B] and
+    ``probe(row, node, tokens) -> ProbeOutputs`` at hypothetical children."""
+
+    prepared: Any
+    view: TreeView
+    nodes: torch.Tensor
+    probe: Callable[..., Any]
+
+
+#: Batches of Monte-Carlo draws whose spread gives a node's standard error.
+MC_BATCHES = 8
+#: Largest number of sibling draw sequences enumerated with their own signals (beyond: Monte Carlo).
+DRAW_EXACT_LIMIT = 4096
+
+
+def _draw_sequences_exact(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered draw of n distinct tokens from q's support with its probability (without replacement)."""
+    support = torch.nonzero(q > 0).flatten().tolist()
+    seqs, weights = [], []
+    for seq in itertools.permutations(support, n):
+        prob, left = 1.0, 1.0
+        for x in seq:
+            prob *= float(q[x]) / left
+            left -= float(q[x])
+        seqs.append(seq)
+        weights.append(prob)
+    return torch.tensor(seqs, dtype=torch.long), torch.tensor(weights, dtype=torch.float64)
+
+
+def draw_node_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, draws: DrawSignals,
+                  row: int, *, mc_draws: int = 256, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, bool, float]:
+    """(law [V], exact?, standard error of its TV) of a node whose signals move with the draws: every
+    draw sequence of its children (all of them while few, else ``mc_draws`` sampled ones) gets the
+    signals it would produce (``rule.draw_extras`` over the engine's probe)."""
+    node = int(draws.nodes[row])
+    n = int(ctx.n_candidates)
+    support = torch.nonzero(q > 0).flatten()
+    n_eff = min(n, support.numel())
+    probe = lambda tokens: draws.probe(row, node, tokens)
+    strict_ctx = NodeContext(depth=ctx.depth, n_candidates=n)
+    if n_eff == 1 or math.perm(support.numel(), n_eff) <= DRAW_EXACT_LIMIT:
+        seqs, weights = (support[:, None], q[support]) if n_eff == 1 else _draw_sequences_exact(q, n_eff)
+        extras = rule.draw_extras(draws.prepared, draws.view, row, node, seqs.to(p.device), probe)
+        law = sequence_law(rule, p, q, NodeContext(depth=ctx.depth, n_candidates=n, extras=extras), seqs, weights)
+        return law, True, 0.0
+    _, seqs = _draw_sequences(q, n_eff, mc_draws, generator)
+    extras = rule.draw_extras(draws.prepared, draws.view, row, node, seqs.to(p.device), probe)
+    every = NodeContext(depth=ctx.depth, n_candidates=n, extras=extras)
+    per_batch = []
+    for part in torch.arange(mc_draws).chunk(MC_BATCHES):
+        w = torch.full((part.numel(),), 1.0 / part.numel(), dtype=torch.float64)
+        sub = every.rows(part, mc_draws)
+        per_batch.append(p + sequence_law(rule, p, q, sub, seqs[part], w) - sequence_law(_STRICT, p, q, strict_ctx,
+                                                                                           seqs[part], w))
+    law = torch.stack(per_batch).mean(0)
+    spread = torch.stack([tv_distance(b, p) for b in per_batch])
+    return law, False, float(spread.std() / len(per_batch) ** 0.5)
 
 
 @dataclass
@@ -94,38 +152,64 @@ class DriftRecorder:
     generator: torch.Generator | None = None
     drift: np.ndarray = field(init=False)
     bound: np.ndarray = field(init=False)
+    paper: np.ndarray = field(init=False)
     exact: np.ndarray = field(init=False)
+    se: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.drift = np.zeros((self.batch, self.n_tokens))
-        fill = 0.0 if self.rule.declares_bound else np.nan
-        self.bound = np.full((self.batch, self.n_tokens), fill)
-        self.exact = np.ones((self.batch, self.n_tokens), dtype=bool)
+        shape = (self.batch, self.n_tokens)
+        self.drift = np.zeros(shape)
+        self.bound = np.full(shape, 0.0 if self.rule.declares_bound else np.nan)
+        self.paper = np.full(shape, 0.0 if self.rule.paper_bound_text else np.nan)
+        self.exact = np.ones(shape, dtype=bool)
+        self.se = np.zeros(shape)
 
     def visit(self, rows: torch.Tensor, positions: torch.Tensor, p: torch.Tensor, q: torch.Tensor, sampled: bool,
-              ctx: NodeContext, *, images: torch.Tensor | None = None) -> None:
+              ctx: NodeContext, *, images: torch.Tensor | None = None, draws: DrawSignals | None = None) -> None:
         """Record nodes of ``rows`` (indices) that verify candidates; their tokens land at ``positions``.
-        ``images`` [B] names the image of each row when the batch no longer holds every image in order."""
+        ``images`` [B] names the image of each row when the batch no longer holds every image in order;
+        ``draws`` is given when the rule's signals move with the draws (then every draw gets its own)."""
         for r in rows.tolist():
             image = r if images is None else int(images[r])
             if image >= self.batch:
                 continue
             n = int(ctx.n_candidates[r]) if torch.is_tensor(ctx.n_candidates) else int(ctx.n_candidates)
-            pr, qr = p[r].double().cpu(), q[r].double().cpu()
-            one = NodeContext(depth=ctx.depth, n_candidates=n, extras={k: v[r : r + 1].cpu() for k, v in ctx.extras.items()})
-            law, exact = node_law(self.rule, pr, qr, n_candidates=n, sampled=sampled, ctx=one,
-                                  mc_draws=self.mc_draws, generator=self.generator)
+            pr, qr = p[r].double(), q[r].double()
+            one = NodeContext(depth=ctx.depth, n_candidates=n, extras={k: v[r : r + 1] for k, v in ctx.extras.items()})
+            se = 0.0
+            if draws is not None and sampled and self.rule.draw_dependent:
+                law, exact, se = draw_node_law(self.rule, pr, qr, one, draws, r, mc_draws=self.mc_draws,
+                                               generator=self.generator)
+            else:
+                law, exact = node_law(self.rule, pr, qr, n_candidates=n, sampled=sampled, ctx=one,
+                                      mc_draws=self.mc_draws, generator=self.generator)
             pos = int(positions[r])
-            self.drift[image, pos] = float(tv_distance(law, pr))
+            self.drift[image, pos] = float(tv_distance(law.cpu(), pr.cpu()))
             self.exact[image, pos] = exact
+            self.se[image, pos] = se
             if self.rule.declares_bound:
                 self.bound[image, pos] = float(self.rule.tv_bound(pr[None], qr[None], one, sampled=sampled)[0])
+            if self.rule.paper_bound_text:
+                self.paper[image, pos] = float(self.rule.paper_bound(pr[None], qr[None], one, sampled=sampled)[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-position arrays a run stores in ``drift.npz``."""
+        return {"drift": self.drift, "drift_bound": self.bound, "drift_paper_bound": self.paper,
+                "drift_exact": self.exact, "drift_se": self.se}
 
     def summary(self) -> dict[str, float]:
-        """Mean per-node drift over emitted tokens, mean declared bound, share of exact nodes."""
-        return {
+        """Mean per-node drift over emitted tokens, mean declared bound (for rules that declare one),
+        share of exact nodes, and for rules whose paper states a bound, its mean and the share of
+        verified nodes whose drift exceeds it."""
+        out = {
             "drift_mean": float(self.drift.mean()),
-            "drift_bound_mean": float(np.nanmean(self.bound)) if self.rule.declares_bound else float("nan"),
             "drift_exact_fraction": float(self.exact.mean()),
             "drift_sequence_sum": float(self.drift.sum(1).mean()),
         }
+        if self.rule.declares_bound:
+            out["drift_bound_mean"] = float(np.nanmean(self.bound))
+        if self.rule.paper_bound_text:
+            visited = self.drift > 0
+            out["drift_paper_bound_mean"] = float(self.paper.mean())
+            out["paper_bound_violated_fraction"] = float((self.drift > self.paper + 1e-12)[visited].mean()) if visited.any() else 0.0
+        return out

@@ -24,6 +24,7 @@ from cascade_sd.models.gpt import (
     GPTConfig,
     GPTOutput,
     TransformerBlock,
+    check_rows,
     check_step_inputs,
     keep_rows,
     precompute_rope_2d,
@@ -206,11 +207,12 @@ class Drafter(nn.Module, ABC):
         positions: torch.Tensor,
         slots: torch.Tensor | None,
         mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fc(concat(embedding, feature)) → decoder layer → ĥ; mask [B|1, 1, T, S] or None (causal)."""
         x = self.fc(torch.cat([self.tok_embeddings(tokens), self.input_feature(h.to(self.fc.weight.dtype))], dim=-1))
         cos, sin = self._rope(positions)
-        return self.layer(x, cos, sin, slots, mask)
+        return self.layer(x, cos, sin, slots, mask, rows)
 
     def features(
         self,
@@ -290,16 +292,19 @@ class Drafter(nn.Module, ABC):
         positions: torch.Tensor,
         slots: torch.Tensor,
         attn_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached pass: write k/v at ``slots`` ([T] or [B, T]), attend where ``attn_mask`` [B|1, T, S] is True.
+        """Cached pass: write k/v at ``slots`` ([T] or [B, T]), attend where ``attn_mask`` [B|1, T, S] is True;
+        ``rows`` [B]: the cache rows the inputs belong to (default: the leading B rows).
 
         Returns float32 logits [B, T, V] (draft law for the next token) and ĥ [B, T, dim].
         """
         self._check_inputs(h, tokens)
         bsz, T = tokens.shape
-        _, S = self._require_cache(bsz)
+        max_rows, S = self._require_cache(bsz)
         check_step_inputs(bsz, T, S, positions, slots, attn_mask)
-        h_out = self._body(h, tokens, positions, slots, attn_mask.unsqueeze(1))
+        check_rows(rows, bsz, max_rows)
+        h_out = self._body(h, tokens, positions, slots, attn_mask.unsqueeze(1), rows)
         return self.head(h_out), h_out
 
     def copy_cache(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:

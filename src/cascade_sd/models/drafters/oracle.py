@@ -47,10 +47,11 @@ class OracleDrafter(nn.Module):
         """Keep cache rows ``rows``, in this order, as rows 0..len−1 (images leaving a decode batch)."""
         self.model.select_rows(rows)
 
-    def step(self, h: torch.Tensor, tokens: torch.Tensor, *, positions, slots, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target logits for ``tokens`` at the caller's slots (shifted past the condition)."""
+    def step(self, h: torch.Tensor, tokens: torch.Tensor, *, positions, slots, attn_mask, rows=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target logits for ``tokens`` at the caller's slots (shifted past the condition) of cache ``rows``."""
         b, t = tokens.shape
         prefix = torch.ones(attn_mask.shape[0], t, self.cls, dtype=torch.bool, device=attn_mask.device)
         out = self.model.step(self.model.embed_tokens(tokens), positions=positions, slots=slots + self.cls,
-                              attn_mask=torch.cat([prefix, attn_mask], dim=-1), return_hidden=True)
+                              attn_mask=torch.cat([prefix, attn_mask], dim=-1), return_hidden=True, rows=rows)
         return out.logits, out.hidden
