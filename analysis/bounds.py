@@ -169,9 +169,9 @@ CLOSED_FORMS: dict[str, ClosedForm] = {
     "coolsd": ClosedForm("coolsd", "equals", "Σ_{q>p} min(q − p, (ω − 1)·p)", True, 1, derive_coolsd, _coolsd_value,
                          {"delta": 2.0}),
     "lantern": ClosedForm("lantern", "equals", "c_{m*} = Σ_{i≤m*} p(n_i)", False, 1, derive_lantern, _lantern_value,
-                          {"delta": 0.2}),
+                          {"delta": 0.2, "residual": "clean"}),  # the clean residual: the relaxed target exactly
     "cascade_bounded": ClosedForm("cascade_bounded", "at most", "ε", False, 1, derive_bounded_cascade,
-                                  lambda p, q, prm: prm["eps"], {"eps": 0.05, "tau_b": -1.0, "tau_d": -1.0}),
+                                  lambda p, q, prm: prm["eps"], {"eps": 0.05}),
 }
 
 
@@ -186,20 +186,34 @@ def _instances(vocab: int, count: int, seed: int):
 def _bound_rule(name: str, params: dict, vocab: int, seed: int):
     rule = get_rule(name, **params)
     book = torch.nn.functional.normalize(torch.randn(vocab, 2, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    rule.bind(RuleResources(vocab=vocab, codebook=book))
+    rule.bind(RuleResources(vocab=vocab, codebook=book, token_embeddings=book))
     return rule
 
 
+def firing_context(rule, p: torch.Tensor, n_candidates: int, depth: int = 1) -> NodeContext:
+    """A node context in which the rule's context signals fire for whichever token is drafted:
+    CASCADE lists every token as a child with a strong depth boost that passes its gate and one
+    breadth partner; GSD orders the window by p itself. Context-free rules get a plain context."""
+    vocab = p.shape[-1]
+    if rule.name.startswith("cascade"):
+        every = torch.arange(vocab)
+        extras = {"child_tokens": every[None], "depth_boost": torch.full((1, vocab), 0.9, dtype=torch.float64),
+                  "depth_ok": torch.ones(1, vocab, dtype=torch.bool),
+                  "partner_tokens": ((every + 1) % vocab)[None, :, None],
+                  "parent_lsn": torch.full((1, vocab), -float(torch.log(torch.tensor(float(vocab)))), dtype=torch.float64)}
+        return NodeContext(depth=depth, n_candidates=n_candidates, extras=extras)
+    if rule.name == "gsd":
+        return NodeContext(depth=depth, n_candidates=n_candidates, extras={"node_logits": p.clamp_min(1e-300).log()[None]})
+    return NodeContext(depth=depth, n_candidates=n_candidates)
+
+
 def check_numeric(form: ClosedForm, *, vocab: int = 6, count: int = 200, seed: int = 0) -> float:
-    """Largest violation (TV − expression for "at most", |TV − expression| for "equals") over instances."""
+    """Largest violation (TV − expression for "at most", |TV − expression| for "equals") over instances,
+    with the rule's signals firing (``firing_context``)."""
     rule = _bound_rule(form.rule, form.params, vocab, seed)
     worst = 0.0
     for p, q in _instances(vocab, count, seed):
-        ctx = NodeContext(n_candidates=form.n_candidates)
-        if rule.needs_tree:  # a strong boost on the candidate, so the cap is what binds
-            x = int(torch.argsort(q, descending=True, stable=True)[0])
-            ctx.extras = {"child_tokens": torch.tensor([[x]]), "depth_boost": torch.tensor([[0.9]], dtype=torch.float64),
-                          "partner_tokens": torch.tensor([[[-1]]])}
+        ctx = firing_context(rule, p, form.n_candidates)
         law = induced_law(rule, p, q, n_candidates=form.n_candidates, sampled=form.sampled, context=ctx)
         tv = 0.5 * float((law - p).abs().sum())
         value = _lantern_value(p, q, form.params, rule) if form.rule == "lantern" else form.value(p, q, form.params)
@@ -207,18 +221,30 @@ def check_numeric(form: ClosedForm, *, vocab: int = 6, count: int = 200, seed: i
     return worst
 
 
+@dataclass
+class BoundCheck:
+    """Result of ``check_declared_bound``: the largest (exact TV − declared bound) and the largest
+    exact TV seen (a check whose signals never fire would see only ~0 there)."""
+
+    worst_excess: float
+    largest_tv: float
+
+
 def check_declared_bound(name: str, params: dict | None = None, *, vocab: int = 6, count: int = 100,
-                         seed: int = 0) -> float | None:
-    """Largest (exact TV − declared bound) over random instances, 1–3 candidates, sampled and point
-    masses; None when the rule declares no bound. Works for any registered rule."""
-    if not RULES[name].declares_bound:
+                         seed: int = 0, rule=None) -> BoundCheck | None:
+    """Exact TV vs the declared bound over random instances, 1–3 candidates, sampled and point masses,
+    with the rule's signals firing (``firing_context``); None when the rule declares no bound. Works
+    for any registered rule, or for a given ``rule`` instance (e.g. a deliberately wrong bound)."""
+    rule = rule if rule is not None else (_bound_rule(name, params or {}, vocab, seed) if RULES[name].declares_bound
+                                          else None)
+    if rule is None:
         return None
-    rule = _bound_rule(name, params or {}, vocab, seed)
-    worst = -1.0
+    worst, largest = -1.0, 0.0
     for i, (p, q) in enumerate(_instances(vocab, count, seed)):
         n, sampled = 1 + i % 3, bool(i % 2)
-        ctx = NodeContext(n_candidates=n)
+        ctx = firing_context(rule, p, n)
         law = induced_law(rule, p, q, n_candidates=n, sampled=sampled, context=ctx)
         bound = float(rule.tv_bound(p[None], q[None], ctx, sampled=sampled)[0])
-        worst = max(worst, 0.5 * float((law - p).abs().sum()) - bound)
-    return worst
+        tv = 0.5 * float((law - p).abs().sum())
+        worst, largest = max(worst, tv - bound), max(largest, tv)
+    return BoundCheck(worst_excess=worst, largest_tv=largest)

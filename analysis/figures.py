@@ -25,8 +25,8 @@ from cascade_sd.io import atomic_write_text  # noqa: E402
 
 TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min", "speedup_max",
                  "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
-                 "judge_upper", "drift_mean", "drift_bound_mean", "sequence_bound", "sequence_lower",
-                 "sequence_upper", "images"]
+                 "judge_upper", "drift_mean", "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
+                 "sequence_bound", "sequence_lower", "sequence_upper", "images"]
 
 
 def load_evals(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -49,6 +49,7 @@ def table_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "kid_upper": ci("kid_in_domain_ci")[1], "judge_accuracy": e.get("judge_accuracy"),
             "judge_lower": ci("judge_accuracy_ci")[0], "judge_upper": ci("judge_accuracy_ci")[1],
             "drift_mean": e.get("drift_mean"), "drift_bound_mean": e.get("drift_bound_mean"),
+            "paper_bound_mean": e.get("paper_bound_mean"), "paper_bound_violated_fraction": e.get("paper_bound_violated_fraction"),
             "sequence_bound": e.get("sequence_bound"), "sequence_lower": ci("sequence_bound_ci")[0],
             "sequence_upper": ci("sequence_bound_ci")[1], "images": e["images"],
         })
@@ -59,6 +60,12 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _paper_cell(r: dict[str, Any]) -> str:
+    if r.get("paper_bound_mean") is None:
+        return "–"
+    return f"{r['paper_bound_mean']:.4f} ({r['paper_bound_violated_fraction']:.0%})"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The papers' format (method, τ, speedup, FID, fidelity) plus drift per node and per sequence.
 
@@ -66,14 +73,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     debiased value target the population FID (basic bootstrap), so they sit below it.
     """
     lines = ["| method | setting | tree | drafter | τ | speedup (seed range) | FID (n) | FID debiased [95% CI] "
-             "| judge acc [95% CI] | drift/node | declared bound | Σ_t E[TV_t] [95% CI] |", "|" + "---|" * 12]
+             "| judge acc [95% CI] | drift/node | declared bound | paper's bound (nodes over it) | Σ_t E[TV_t] [95% CI] |",
+             "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['setting']} | {r['tree']} | {r['drafter']} | {r['tau']:.2f} "
             f"| {r['speedup']:.2f} ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) "
             f"| {_fmt(r['fid_in_domain'], 1)} | {_fmt(r['fid_corrected'], 1)} [{_fmt(r['fid_lower'], 1)}, {_fmt(r['fid_upper'], 1)}] "
             f"| {_fmt(r['judge_accuracy'], 3)} [{_fmt(r['judge_lower'], 3)}, {_fmt(r['judge_upper'], 3)}] "
-            f"| {_fmt(r['drift_mean'], 4)} | {_fmt(r['drift_bound_mean'], 4)} "
+            f"| {_fmt(r['drift_mean'], 4)} | {_fmt(r['drift_bound_mean'], 4)} | {_paper_cell(r)} "
             f"| {_fmt(r['sequence_bound'], 3)} [{_fmt(r['sequence_lower'], 3)}, {_fmt(r['sequence_upper'], 3)}] |")
     return "\n".join(lines)
 
@@ -160,13 +168,21 @@ def strength(rows: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path)
 
 
 def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
-    """Measured mean per-node drift next to the declared bound's mean, per cell (no bar: none declared)."""
+    """Measured mean per-node drift next to the declared bound's mean (no bar: none declared) and, where
+    the rule's paper states a bound, that bound (marker) with the share of nodes over it."""
     data = [r for r in rows if r["method"] != "vanilla" and r["drift_mean"] is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(data)), 4.5))
     x = np.arange(len(data))
     ax.bar(x - 0.2, [r["drift_mean"] for r in data], 0.4, label="measured TV per node", color="tab:blue")
     bounds = [r["drift_bound_mean"] if r["drift_bound_mean"] is not None else 0.0 for r in data]
     ax.bar(x + 0.2, bounds, 0.4, label="declared bound (mean)", color="tab:orange")
+    paper = [(i, r) for i, r in enumerate(data) if r.get("paper_bound_mean") is not None]
+    if paper:
+        ax.scatter([x[i] for i, _ in paper], [r["paper_bound_mean"] for _, r in paper], marker="_", s=300,
+                   color="black", zorder=3, label="paper's bound (mean; % nodes over it)")
+        for i, r in paper:
+            ax.annotate(f"{r['paper_bound_violated_fraction']:.0%}", (x[i], r["paper_bound_mean"]), fontsize=6,
+                        xytext=(0, 4), textcoords="offset points", ha="center")
     for i, r in enumerate(data):
         if r["drift_bound_mean"] is None:
             ax.text(x[i] + 0.2, 0.0, "none", rotation=90, ha="center", va="bottom", fontsize=7)
@@ -176,8 +192,8 @@ def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
     ax.legend()
     _save(fig, out / "drift_vs_bound.png")
     write_csv(out / "drift_vs_bound.csv", data, ["method", "setting", "tree", "drafter", "drift_mean",
-                                                 "drift_bound_mean", "sequence_bound", "sequence_lower",
-                                                 "sequence_upper"])
+                                                 "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
+                                                 "sequence_bound", "sequence_lower", "sequence_upper"])
 
 
 def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:

@@ -18,13 +18,35 @@ def test_closed_form_is_derived_and_matches_the_induced_laws(name):
     assert check_numeric(form) <= 1e-12
 
 
+#: Rules whose declared bound is checked with the relaxation biting: the largest exact TV seen must
+#: be at least this (a check whose signals never fire sees strict's TV of 0 and proves nothing).
+FIRING = {"lantern": {"delta": 0.3, "k": 3}, "lantern_pp": {"lam": 4.0, "k": 3}, "coolsd": {"delta": 2.0},
+          "cascade_bounded": {"eps": 0.1}}
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_declared_bounds_hold_on_random_instances(name):
-    worst = check_declared_bound(name)
-    if RULES[name].declares_bound:
-        assert worst <= 1e-12
-    else:
-        assert worst is None
+    check = check_declared_bound(name, FIRING.get(name))
+    if not RULES[name].declares_bound:
+        assert check is None
+        return
+    assert check.worst_excess <= 1e-12
+    if name != "strict":
+        assert check.largest_tv > 0.02, "the rule's relaxation never fired in the check"
+
+
+def test_bounded_cascade_with_an_optimistic_eps_is_caught():
+    """Mutation: cascade_bounded that accepts with ε = 0.1 but declares half of it."""
+    from analysis.bounds import _bound_rule
+
+    class HalfEps(RULES["cascade_bounded"]):
+        def tv_bound(self, p, q, ctx, *, sampled=True):
+            return super().tv_bound(p, q, ctx, sampled=sampled) / 2
+
+    rule = _bound_rule("cascade_bounded", {"eps": 0.1}, 6, 0)
+    rule.__class__ = HalfEps
+    check = check_declared_bound("cascade_bounded", rule=rule)
+    assert check.worst_excess > 0.01
 
 
 class _TooOptimistic(StrictRule):
@@ -39,6 +61,6 @@ class _TooOptimistic(StrictRule):
 def test_a_wrong_bound_is_caught():
     register(_TooOptimistic)
     try:
-        assert check_declared_bound("too_optimistic") > 0.05
+        assert check_declared_bound("too_optimistic").worst_excess > 0.05
     finally:
         REGISTRY.pop("too_optimistic")

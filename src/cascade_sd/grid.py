@@ -282,6 +282,12 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
             per_node = np.concatenate([z["drift"] for z in drift])
             bound = np.concatenate([z["drift_bound"] for z in drift])
             seq = sequence_bound(per_node, n_boot=n_boot, seed=seed)
+            paper = [z["drift_paper_bound"] for z in drift if "drift_paper_bound" in z.files]
+            if paper and np.isfinite(np.concatenate(paper)).any():
+                paper_all, visited = np.concatenate(paper), per_node > 0
+                result |= {"paper_bound_mean": float(paper_all[visited].mean()) if visited.any() else None,
+                           "paper_bound_violated_fraction": float((per_node > paper_all + 1e-9)[visited].mean())
+                           if visited.any() else 0.0}
             result |= {"drift_mean": float(per_node.mean()),
                        "drift_bound_mean": float(np.nanmean(bound)) if np.isfinite(bound).any() else None,
                        "drift_exact_fraction": float(np.concatenate([z["drift_exact"] for z in drift]).mean()),
