@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cascade_sd.acceptance import get_rule
 from cascade_sd.errors import ConfigError
 
 NONE = "none"
@@ -153,14 +154,17 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
     dc, method = config["decode"], cell["method"]
     classes = decode_classes(config, bundle.target.config.num_classes)
     labels = classes.repeat_interleave(dc["per_class"])
+    drift_rows = dc["drift_rows"]
+    if method != "vanilla" and cell["tree"] != "dynamic" and get_rule(method, **params).draw_dependent:
+        drift_rows = dc["probed_drift_rows"]  # every node probes each hypothetical child: costly
     run_params = {"cell": cell, "rule_params": params, "sampling": sampling, "decode": dc}
     with child_run(config["results"], f"decode {cell_name(cell)} seed{seed}", params=run_params, seed=seed) as run:
         tokens, drift, drift_stats, rounds, accepted, histogram, effective = [], None, {}, 0, 0.0, None, {}
         for start in range(0, len(labels), dc["batch_size"]):
             batch = labels[start:start + dc["batch_size"]]
-            record = method != "vanilla" and start == 0 and dc["drift_rows"] > 0
+            record = method != "vanilla" and start == 0 and drift_rows > 0
             res = api.decode(bundle, batch, method=method, seed=seed * 100_003 + start, **sampling, **opts,
-                             **({"record_drift": True, "drift_rows": min(dc["drift_rows"], len(batch)),
+                             **({"record_drift": True, "drift_rows": min(drift_rows, len(batch)),
                                  "drift_draws": dc["drift_draws"]} if record else {}))
             tokens.append(res.tokens.cpu())
             if record:

@@ -238,6 +238,15 @@ class AcceptanceRule(ABC):
         a node's law on a sampled tree needs ``draw_extras`` for every possible draw (DESIGN 6)."""
         return False
 
+    #: Whether the draw-dependent signals can only raise a candidate's acceptance above its value
+    #: without them (so a candidate accepted for sure without them needs no probe).
+    signals_only_raise: ClassVar[bool] = False
+
+    def signals_can_fire(self, prepared: Any, view: TreeView, row: int, node: int, n_candidates: int) -> bool:
+        """Whether any draw of the node's children could carry a signal (False: the node's law is the
+        law without signals, and no probe is needed)."""
+        return True
+
     def draw_extras(self, prepared: Any, view: TreeView, row: int, node: int, seqs: torch.Tensor,
                     probe: Any) -> dict[str, Any]:
         """``node_extras`` of one row had the node's children been ``seqs`` [D, n] (one row per draw

@@ -146,6 +146,7 @@ class CascadeRule(AcceptanceRule):
     residual_independent_of_candidate = True  # the strict residual, whatever x was
     needs_tree = True
     reads_drafter = True
+    signals_only_raise = True  # s ≥ 0 in min(1, p/(q − s)); bounded CASCADE caps above strict
     strength = "tau_b"
     strength_increases = False
     sweep = ({}, {"tau_b": 0.7, "tau_d": 0.5}, {"tau_b": 0.5, "tau_d": 0.3})
@@ -268,6 +269,31 @@ class CascadeRule(AcceptanceRule):
                 "depth_ok": prepared.depth_ok.gather(1, safe) & kid_ok, "partner_tokens": partner_tokens,
                 **self._parent_extras(view, rows, node)}
 
+    def signals_can_fire(self, prepared: Signals, view: TreeView, row: int, node: int, n_candidates: int) -> bool:
+        """False when no draw can carry a signal: the depth test is closed for every child (a single
+        child sees p_j = p at the node, so the kl gate is decided there; the parent-grandparent signal
+        needs a grandparent), and no breadth partner can exist (no output at the children's level, or a
+        single child without cousins that have one)."""
+        prm, tree = self.params, view.tree
+        depth = prm["depth_signal"]
+        if depth and prm["depth_repr"] == "parent_grandparent":
+            depth = int(tree.parent[row, node]) >= 0
+        if depth and prm["gate"] == "kl" and n_candidates == 1:
+            lsn = F.log_softmax(_unit(view.target_logits[row, node]), dim=-1)
+            depth = bool(_kl(view.p[row, node], lsn) < prm["kl_threshold"])
+        return depth or self._partners(prepared, view, row, node, n_candidates)[0]
+
+    def _partners(self, prepared: Signals, view: TreeView, row: int, node: int, n: int) -> tuple[bool, torch.Tensor]:
+        """(whether a child of the node can have a breadth partner, the cousins with a representation):
+        the children's level has representations where its realised nodes have them, and a partner is a
+        sibling (n > 1) or a cousin."""
+        tree = view.tree
+        if not self.params["breadth"]:
+            return False, tree.tokens.new_zeros(0)
+        level = (tree.depth[row] == int(tree.depth[row, node]) + 1) & prepared.has_rep[row]
+        cousins = (level & (tree.parent[row] != node)).nonzero().flatten()
+        return bool(level.any()) and (n > 1 or cousins.numel() > 0), cousins
+
     def draw_extras(self, prepared: Signals, view: TreeView, row: int, node: int, seqs: torch.Tensor,
                     probe: Callable[[torch.Tensor], ProbeOutputs]) -> dict[str, Any]:
         """``node_extras`` of one row as they would be had the node's children been ``seqs`` [D, n]: the
@@ -277,9 +303,10 @@ class CascadeRule(AcceptanceRule):
         d, n = seqs.shape
         dev = seqs.device
         uniq, inv = torch.unique(seqs, return_inverse=True)
+        partners, cousins = self._partners(prepared, view, row, node, n)  # without: no partner for any draw
         need_target = prm["depth_signal"] and (prm["depth_repr"] != "parent_grandparent" or prm["gate"] == "pair_kl")
-        need_target |= prm["breadth"] and prm["breadth_source"] == "target"
-        out = probe(uniq) if need_target or prm["breadth"] else None
+        need_target |= partners and prm["breadth_source"] == "target"
+        out = probe(uniq, drafter=partners and prm["breadth_source"] == "drafter") if need_target or partners else None
         boost = torch.zeros(len(uniq), dtype=torch.float64, device=dev)
         ok = torch.zeros(len(uniq), dtype=torch.bool, device=dev)
         if prm["depth_signal"]:
@@ -296,7 +323,7 @@ class CascadeRule(AcceptanceRule):
             if prm["gate"] == "pair_kl":
                 ok &= _kl(view.p[row, node].expand(len(uniq), -1), out.p.clamp_min(1e-300).log()) < prm["kl_threshold"]
         partner_tokens = torch.full((d, n, 1), -1, dtype=torch.long, device=dev)
-        if prm["breadth"]:
+        if partners:
             if prm["breadth_source"] == "target":
                 rep_u, has_u = self._breadth_rep(out.target_logits, out.target_hidden, view.params), True
             elif out.drafter_logits is None:
@@ -304,8 +331,6 @@ class CascadeRule(AcceptanceRule):
             else:
                 rep_u, has_u = self._breadth_rep(out.drafter_logits, out.drafter_hidden, view.params), True
             if has_u:
-                level = tree.depth[row] == int(tree.depth[row, node]) + 1
-                cousins = (level & (tree.parent[row] != node) & prepared.has_rep[row]).nonzero().flatten()
                 rep = rep_u[inv]  # [D, n, ·]
                 sib = (rep @ rep.transpose(1, 2)) > prm["tau_b"]
                 sib &= ~torch.eye(n, dtype=torch.bool, device=dev)

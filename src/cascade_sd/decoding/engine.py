@@ -553,10 +553,12 @@ class SpeculativeEngine:
                          images=images, draws=draws)
 
     @torch.no_grad()
-    def _probe(self, row: int, node: int, tokens: torch.Tensor, *, tree: DraftTree, m: torch.Tensor) -> ProbeOutputs:
-        """The target's and drafter's outputs at hypothetical children ``tokens`` [K] of ``node`` in batch
-        row ``row``, computed as the verify and drafting forwards would have (positions, ancestors,
-        cached prefix), ``probe_width`` at a time in the probe slots; nothing real is overwritten."""
+    def _probe(self, row: int, node: int, tokens: torch.Tensor, *, tree: DraftTree, m: torch.Tensor,
+               drafter: bool = True) -> ProbeOutputs:
+        """The target's (and, with ``drafter``, the drafter's) outputs at hypothetical children ``tokens`` [K]
+        of ``node`` in batch row ``row``, computed as the verify and drafting forwards would have
+        (positions, ancestors, cached prefix), ``probe_width`` at a time in the probe slots; nothing real
+        is overwritten."""
         dev, c = self.device, self.probe_width
         stream_rows = self._rep_rows(torch.tensor([row], device=dev))
         depth = int(tree.depth[row, node])
@@ -565,7 +567,7 @@ class SpeculativeEngine:
         anc = tree.ancestor_mask()[row, node].nonzero().flatten()  # ancestors-or-self of the node
         seen = self.t_keys < base
         seen[base + anc] = True
-        drafted = None if not self.rule.reads_drafter or depth + 1 >= self.tree.depth else anc[anc > 0]
+        drafted = None if not (drafter and self.rule.reads_drafter) or depth + 1 >= self.tree.depth else anc[anc > 0]
         parts: list[list] = []
         for lo in range(0, tokens.numel(), c):
             chunk = tokens[lo : lo + c].to(dev)

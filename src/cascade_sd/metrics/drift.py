@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, TreeView
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, TreeView
 from cascade_sd.acceptance.law import induced_law, sequence_law
 from cascade_sd.acceptance.strict import StrictRule
 
@@ -116,10 +116,25 @@ def draw_node_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: N
     n = int(ctx.n_candidates)
     support = torch.nonzero(q > 0).flatten()
     n_eff = min(n, support.numel())
-    probe = lambda tokens: draws.probe(row, node, tokens)
+    probe = lambda tokens, drafter=True: draws.probe(row, node, tokens, drafter=drafter)
     strict_ctx = NodeContext(depth=ctx.depth, n_candidates=n)
-    if n_eff == 1 or math.perm(support.numel(), n_eff) <= DRAW_EXACT_LIMIT:
-        seqs, weights = (support[:, None], q[support]) if n_eff == 1 else _draw_sequences_exact(q, n_eff)
+    if not rule.signals_can_fire(draws.prepared, draws.view, row, node, n):  # every draw: no signal
+        law, _ = node_law(rule, p, q, n_candidates=n, sampled=True, ctx=strict_ctx)
+        return law, True, 0.0
+    if n_eff == 1:
+        sure = torch.zeros_like(support, dtype=torch.bool)
+        if rule.signals_only_raise:  # accepted for sure without signals: no probe, no rejection
+            sure = rule.accept_prob(NodeState(p=p.expand(len(support), -1), q=q.expand(len(support), -1)),
+                                    support, strict_ctx) >= 1.0
+        law = torch.zeros_like(p).index_add_(0, support[sure], q[support[sure]])
+        rest = support[~sure]
+        if rest.numel():
+            extras = rule.draw_extras(draws.prepared, draws.view, row, node, rest[:, None], probe)
+            law += sequence_law(rule, p, q, NodeContext(depth=ctx.depth, n_candidates=n, extras=extras), rest[:, None],
+                                q[rest])
+        return law, True, 0.0
+    if math.perm(support.numel(), n_eff) <= DRAW_EXACT_LIMIT:
+        seqs, weights = _draw_sequences_exact(q, n_eff)
         extras = rule.draw_extras(draws.prepared, draws.view, row, node, seqs.to(p.device), probe)
         law = sequence_law(rule, p, q, NodeContext(depth=ctx.depth, n_candidates=n, extras=extras), seqs, weights)
         return law, True, 0.0
