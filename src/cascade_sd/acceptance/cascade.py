@@ -196,7 +196,7 @@ class CascadeRule(AcceptanceRule):
         rep = self._breadth_rep(view.drafter_logits, view.drafter_hidden, view.params)
         return rep, view.drafter_ran & valid
 
-    # ------------------------------------------------------------------ signals (once per round)
+    # ------------------------------------------------------------------ similarities
     def depth_similarity(self, view: TreeView) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_d of every node [B, T+1], where it is defined): between the node and its parent, or between
         its parent and grandparent (``parent_grandparent``)."""
