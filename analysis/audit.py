@@ -23,8 +23,7 @@ import numpy as np
 from analysis.estimators import sequence_bound
 from cascade_sd.acceptance import RULES
 from cascade_sd.errors import DataError
-
-TOLERANCE = 1e-9
+from cascade_sd.metrics.drift import TOLERANCE, paper_bound_stats
 
 
 @dataclass
@@ -41,6 +40,7 @@ class RunAudit:
     sequence: dict[str, float] = field(default_factory=dict)
     paper_bound: float | None = None
     paper_violated_fraction: float | None = None
+    paper_violated: bool = False
 
     @property
     def verdict(self) -> str:
@@ -53,9 +53,10 @@ class RunAudit:
 
 
 def audit_arrays(name: str, stats: dict[str, Any], drift: np.ndarray, bound: np.ndarray, exact: np.ndarray,
-                 tolerance: float = TOLERANCE, paper: np.ndarray | None = None) -> RunAudit:
+                 tolerance: float = TOLERANCE, paper: np.ndarray | None = None,
+                 visited: np.ndarray | None = None) -> RunAudit:
     """Audit one run's per-token arrays [images, positions] (``paper``: the paper's bound, NaN where
-    the rule's paper states none)."""
+    the rule's paper states none; ``visited``: the positions a verified node emitted)."""
     declares = not np.isnan(bound).all()
     over = declares & (drift > np.nan_to_num(bound, nan=np.inf) + tolerance)
     rows = []
@@ -69,9 +70,11 @@ def audit_arrays(name: str, stats: dict[str, Any], drift: np.ndarray, bound: np.
                      rows=rows, violations=int((over & exact).sum()), inconclusive=int((over & ~exact).sum()),
                      declares_bound=declares, sequence=seq.as_dict("sequence_bound"))
     if paper is not None and not np.isnan(paper).all():
-        visited = drift > 0
-        audit.paper_bound = float(paper[visited].mean()) if visited.any() else float(np.nanmean(paper))
-        audit.paper_violated_fraction = float((drift > paper + tolerance)[visited].mean()) if visited.any() else 0.0
+        if visited is None:
+            raise ValueError("audit_arrays: a paper bound needs the visited mask")
+        stats = paper_bound_stats(drift, paper, visited)
+        audit.paper_bound, audit.paper_violated_fraction = stats["paper_bound_mean"], stats["paper_bound_violated_fraction"]
+        audit.paper_violated = stats["paper_bound_violated"]
     return audit
 
 
@@ -88,11 +91,11 @@ def audit_folder(folder: str | Path, tolerance: float = TOLERANCE) -> list[RunAu
         try:
             arrays = np.load(path)
             drift, bound, exact = arrays["drift"], arrays["drift_bound"], arrays["drift_exact"].astype(bool)
-            paper = arrays["drift_paper_bound"] if "drift_paper_bound" in arrays.files else None
+            paper, visited = arrays["drift_paper_bound"], arrays["drift_visited"]
         except (OSError, KeyError, ValueError) as err:
             raise DataError(f"{path}: not a drift file ({err})") from None
         audits.append(audit_arrays(str(path.parent.relative_to(folder)) or ".", stats, drift, bound, exact, tolerance,
-                                   paper))
+                                   paper, visited))
     return audits
 
 
@@ -117,6 +120,11 @@ def format_audit(audits: list[RunAudit], *, per_position: bool = False) -> str:
             f"| {np.nanmean(bound) if a.declares_bound else float('nan'):.4g} | {a.violations} | {a.inconclusive} "
             f"| {_paper(a)} | {seq['sequence_bound']:.4g} [{seq['sequence_bound_lower']:.4g}, {seq['sequence_bound_upper']:.4g}] "
             f"| {a.verdict} |")
+    papers = [a for a in audits if a.paper_bound is not None]
+    for method in sorted({a.method for a in papers}):
+        mine = [a for a in papers if a.method == method]
+        lines.append(f"\n{method}: the paper's stated bound is exceeded at some node in "
+                     f"{sum(a.paper_violated for a in mine)} of {len(mine)} runs.")
     if per_position:
         for a in audits:
             lines += ["", f"**{a.name}** ({a.method})", "", "| position | mean drift | max drift | mean bound | violations |",

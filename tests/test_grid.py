@@ -100,7 +100,8 @@ def _fake_cell(folder, seed: int, method: str, rng, tree: str = "tree-57", draft
     (folder / "stats.json").write_text(json.dumps(stats))
     drift = rng.uniform(0, 0.1, size=(3, 9))
     np.savez(folder / "drift.npz", drift=drift, drift_bound=np.full_like(drift, 0.2),
-             drift_exact=np.ones_like(drift, dtype=bool))
+             drift_paper_bound=np.full_like(drift, 0.1 if method == "lantern" else np.nan),
+             drift_exact=np.ones_like(drift, dtype=bool), drift_visited=np.ones_like(drift, dtype=bool))
 
 
 def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path):

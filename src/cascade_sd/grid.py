@@ -20,6 +20,7 @@ import torch
 
 from cascade_sd.acceptance import get_rule
 from cascade_sd.errors import ConfigError
+from cascade_sd.metrics.drift import paper_bound_stats
 
 NONE = "none"
 
@@ -286,12 +287,14 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
             per_node = np.concatenate([z["drift"] for z in drift])
             bound = np.concatenate([z["drift_bound"] for z in drift])
             seq = sequence_bound(per_node, n_boot=n_boot, seed=seed)
-            paper = [z["drift_paper_bound"] for z in drift if "drift_paper_bound" in z.files]
-            if paper and np.isfinite(np.concatenate(paper)).any():
-                paper_all, visited = np.concatenate(paper), per_node > 0
-                result |= {"paper_bound_mean": float(paper_all[visited].mean()) if visited.any() else None,
-                           "paper_bound_violated_fraction": float((per_node > paper_all + 1e-9)[visited].mean())
-                           if visited.any() else 0.0}
+            paper = np.concatenate([z["drift_paper_bound"] for z in drift])
+            if np.isfinite(paper).any():
+                visited = np.concatenate([z["drift_visited"] for z in drift])
+                runs = [paper_bound_stats(z["drift"], z["drift_paper_bound"], z["drift_visited"]) for z in drift]
+                stats_all = paper_bound_stats(per_node, paper, visited)
+                result |= {"paper_bound_mean": stats_all["paper_bound_mean"],
+                           "paper_bound_violated_fraction": stats_all["paper_bound_violated_fraction"],
+                           "paper_bound_violated_runs": float(np.mean([r["paper_bound_violated"] for r in runs]))}
             result |= {"drift_mean": float(per_node.mean()),
                        "drift_bound_mean": float(np.nanmean(bound)) if np.isfinite(bound).any() else None,
                        "drift_exact_fraction": float(np.concatenate([z["drift_exact"] for z in drift]).mean()),
