@@ -90,3 +90,8 @@ def test_doctor_reports_each_mismatch_and_exits_1(monkeypatch):
     assert bad.exit_code == 1 and "DOES NOT MATCH the lock: 2 of" in bad.output
     rows = {tuple(line.split()) for line in bad.output.splitlines()}
     assert ("numpy", same["numpy"], "1.26.4") in rows and ("sympy", same["sympy"], "missing") in rows
+
+
+def test_doctor_outside_a_checkout_says_the_lock_is_missing(tmp_path):
+    result = CliRunner().invoke(app, ["doctor", "--lock-root", str(tmp_path)])
+    assert result.exit_code == 0 and "not found in" in result.output and "not compared" in result.output

@@ -43,13 +43,15 @@ def test_init_writes_parent_and_sqlite(results):
 
 def _assert_provenance(results, run) -> None:
     """Commit and dirty flag, the lock's hash and match, and the installed package list as an artifact."""
-    from cascade_sd.provenance import git_state, installed, lock_sha256
+    from cascade_sd.provenance import compare, git_state, installed, lock_sha256, locked
 
     commit, dirty = git_state()
     tags = run.data.tags
     assert tags["git.commit"] == commit and len(commit) == 40
     assert tags["git.dirty"] == str(dirty).lower()
-    assert tags["lock.sha256"] == lock_sha256() and tags["lock.matches"] in ("true", "false")
+    mismatches, _ = compare(locked(), installed())
+    assert tags["lock.sha256"] == lock_sha256() and tags["lock.matches"] == str(not mismatches).lower()
+    assert tags["lock.mismatches"] == str(len(mismatches))
     listed = (results / "mlflow" / "artifacts" / run.info.run_id / "artifacts" / "environment" / "packages.txt")
     lines = listed.read_text().splitlines()
     assert lines == [f"{n}=={v}" for n, v in installed().items()] and "torch==" + installed()["torch"] in lines

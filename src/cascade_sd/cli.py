@@ -523,13 +523,18 @@ def doctor(config: Optional[Path] = ConfigOpt,
     except CascadeError as exc:
         rows["data"] = f"NOT FOUND: {exc}"
     root = lock_root or provenance.ROOT
-    pins = provenance.locked(root)
-    mismatches, extra = provenance.compare(pins, provenance.installed())
-    rows["lock"] = f"{root / provenance.LOCK} (sha256 {provenance.lock_sha256(root)[:16]}…)"
-    rows["environment"] = (f"matches the lock ({len(pins)} packages)" if not mismatches else
-                           f"DOES NOT MATCH the lock: {len(mismatches)} of {len(pins)} packages differ")
-    if extra:
-        rows["not in the lock"] = ", ".join(extra)
+    mismatches = []
+    if not (root / provenance.LOCK).is_file():  # installed from outside a checkout
+        rows["lock"] = f"not found in {root} (pass --lock-root FOLDER to compare with a checkout's lock)"
+        rows["environment"] = "not compared"
+    else:
+        pins = provenance.locked(root)
+        mismatches, extra = provenance.compare(pins, provenance.installed())
+        rows["lock"] = f"{root / provenance.LOCK} (sha256 {provenance.lock_sha256(root)[:16]}…)"
+        rows["environment"] = (f"matches the lock ({len(pins)} packages)" if not mismatches else
+                               f"DOES NOT MATCH the lock: {len(mismatches)} of {len(pins)} packages differ")
+        if extra:
+            rows["not in the lock"] = ", ".join(extra)
     for key, value in rows.items():
         typer.echo(f"{key:>20}: {value}")
     if mismatches:

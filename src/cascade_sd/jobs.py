@@ -7,7 +7,6 @@ and users can call them directly. Outputs are written atomically; nothing here d
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -166,15 +165,15 @@ def train_target_job(config: dict[str, Any], tokens: Path, tokenizer: Path, out:
 
 def train_judge_job(config: dict[str, Any], out: Path, metrics_out: Path) -> dict[str, Any]:
     """Train the in-domain judge classifier."""
-    from cascade_sd.train.judge import train_judge
+    from cascade_sd.train.judge import judge_steps, train_judge
 
     setup_runtime(config, training=True)
     jc = config["judge"]
     train, test = _images(config, "train"), _images(config, "test")
     judge_cfg = JudgeConfig(num_classes=train.num_classes)
     with child_run(config["results"], "train_judge", params={"judge": jc, "config": judge_cfg.to_dict()}, seed=config["seed"]) as run:
-        planned = max(1, math.ceil(jc["epochs"] * math.ceil(len(train.labels) / jc["batch_size"])))
-        clock = StageClock("judge", planned, jc["expected_seconds"], jc["max_seconds"])
+        clock = StageClock("judge", judge_steps(len(train.labels), jc["epochs"], jc["batch_size"]), jc["expected_seconds"],
+                           jc["max_seconds"])
         model, metrics = train_judge(train, test, judge_cfg, epochs=jc["epochs"], batch_size=jc["batch_size"], lr=jc["lr"],
                                      seed=config["seed"], max_seconds=jc["max_seconds"])
         metrics = stage_done(run, metrics, clock, metrics["steps"])

@@ -33,6 +33,11 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = M
     return padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
 
 
+def judge_steps(n: int, epochs: float, batch_size: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``n`` images (the judge's stopping rule)."""
+    return max(1, math.ceil(epochs * math.ceil(n / batch_size)))
+
+
 def train_judge(
     train: ImageSet,
     test: ImageSet,
@@ -72,7 +77,7 @@ def train_judge(
     y_all = train.labels
     n = x_all.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    total_steps = judge_steps(n, epochs, batch_size)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.2)
 

@@ -67,5 +67,5 @@ class StageClock:
             "expected_seconds": self.expected,
             "over_expected_time": self.expected is not None and seconds > OVER_FACTOR * self.expected,
             "wall_clock_limited": self.max_seconds is not None,
-            "stopped_by": "steps" if steps_done >= self.steps else "max_seconds",
+            "stopped_by": "steps" if steps_done >= self.steps else "max_seconds" if self.max_seconds is not None else "early",
         }
