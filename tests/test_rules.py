@@ -398,7 +398,7 @@ def test_single_sample_fast_path_equals_the_enumeration(name, inputs):
 
 @given(node_inputs())
 @fast(40)
-def test_lantern_reference_code_fast_path_equals_the_enumeration(inputs):
+def test_lantern_reference_code_vectorised_law_equals_the_per_token_loop(inputs):
     p, q, _, _, ctx = inputs
     rule = make("lantern", p.shape[-1], k=3, delta=0.3, residual="reference-code")
     fast_law = induced_law(rule, p, q, n_candidates=1, sampled=True, context=ctx)
@@ -407,7 +407,7 @@ def test_lantern_reference_code_fast_path_equals_the_enumeration(inputs):
 
 
 @pytest.mark.parametrize("name,params", [
-    ("lantern", {"k": 60, "delta": 0.3, "residual": "clean"}), ("lantern", {"k": 60, "delta": 0.6}),
+    ("lantern", {"k": 60, "delta": 0.3, "residual": "clean"}), ("lantern", {"k": 60, "delta": 0.6, "residual": "clean"}),
     ("lantern_pp", {"k": 60, "lam": 30.0, "residual": "clean"}),
 ])
 @pytest.mark.parametrize("sharpness", [0.5, 2.0, 6.0])

@@ -11,7 +11,7 @@ Accept with min(1, p_j(C)/q_j(C)) (q(C) = 1 for point masses); on rejection the 
 min(1, p_j(x)/q_j(x)): with ``i < w`` its slice ``[i − w : i + w]`` starts at a negative index,
 comes out empty and the reduction over it raises; here the same tokens take the strict ratio.
 
-Departure (listed in analysis/README.md): the reference filters distances only while every window
+Departure (listed in REFERENCES.md): the reference filters distances only while every window
 id is below 10000 (its table holds the first 10000 rows of Lumina-mGPT's vocabulary, which covers
 all image tokens); the engine's vocabulary is the image codebook, so every token is filtered.
 Without the node's logits (analyses of bare laws, ``induced_law`` without a tree) the order is
