@@ -1,12 +1,13 @@
 """τ against measured drift per tree family, from ``cascade-sd bench-rules --out rows.json`` files.
 
 For every rule the settings of its strength sweep give points (mean per-node drift, τ); their
-upper frontier (best τ at most a given drift) is what a rule offers. ``compare`` answers the
-question "at equal measured drift, does rule A reach a higher τ than rule B?": for every point of
-B, A's frontier value at B's drift (None where A has no setting that drifts that little).
+upper frontier (best τ at most a given drift) is what a rule offers. The report answers "at equal
+measured drift, does CASCADE reach a higher τ than rule B?": for every setting of B, CASCADE's
+frontier value at B's drift ("none that low" where no CASCADE setting drifts that little).
 
-    python -m analysis.tau_vs_drift results/bench/rules-*.json --out results/bench
-writes ``tau_vs_drift.md`` (tables) and ``tau_vs_drift.png`` (one panel per tree family).
+    python -m analysis.tau_vs_drift results/bench/rules-*.json --grid results/eval/grid --out results/bench
+writes ``tau_vs_drift.md`` (tables) and ``tau_vs_drift.png`` (one panel per tree family); ``--grid``
+adds the workflow's decode-grid cells (EAGLE drafter) to the bench rows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,23 @@ def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def load_grid(folder: Path, drafter: str = "eagle") -> list[dict[str, Any]]:
+    """The workflow's evaluated grid cells (``eval/grid/**.json``) of one drafter as bench rows."""
+    from cascade_sd.acceptance import RULES
+
+    rows = []
+    for path in sorted(Path(folder).rglob("*.json")):
+        cell = json.loads(path.read_text())
+        if cell["method"] == "vanilla" or cell["drafter"] != drafter or "drift_mean" not in cell:
+            continue
+        defaults = RULES[cell["method"]].defaults()
+        rows.append({"tree": cell["tree"], "method": cell["method"], "tau": cell["tau"], "speedup": cell["speedup"],
+                     "params": {k: v for k, v in cell["rule_params"].items() if defaults.get(k) != v},
+                     "drift_mean": cell["drift_mean"], "drift_paper_bound_mean": cell.get("paper_bound_mean"),
+                     "paper_bound_violated_fraction": cell.get("paper_bound_violated_fraction")})
+    return rows
+
+
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (drift, τ) points no other point beats on both (lower drift and higher τ), by drift."""
     best, out = float("-inf"), []
@@ -47,18 +65,6 @@ def tau_at(front: list[tuple[float, float]], drift: float) -> float | None:
     """The best τ a frontier reaches with drift at most ``drift`` (None below its smallest drift)."""
     reach = [tau for d, tau in front if d <= drift + 1e-12]
     return max(reach) if reach else None
-
-
-def compare(rows: list[dict[str, Any]], rule: str, tree: str) -> list[dict[str, Any]]:
-    """For each other rule's setting on ``tree``: its drift and τ, and ``rule``'s best τ at that drift."""
-    mine = frontier([(r["drift_mean"], r["tau"]) for r in rows if r["method"] == rule and r["tree"] == tree])
-    out = []
-    for r in rows:
-        if r["tree"] != tree or r["method"] == rule:
-            continue
-        out.append({"method": r["method"], "params": r["params"], "drift": r["drift_mean"], "tau": r["tau"],
-                    f"{rule}_tau": tau_at(mine, r["drift_mean"])})
-    return out
 
 
 def _params(p: dict[str, Any]) -> str:
@@ -108,12 +114,15 @@ def figure(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Tables and figure from bench-rules JSON files."""
+    """Tables and figure from bench-rules JSON files and/or the workflow's grid cells."""
     ap = argparse.ArgumentParser(prog="python -m analysis.tau_vs_drift")
-    ap.add_argument("rows", nargs="+", type=Path)
+    ap.add_argument("rows", nargs="*", type=Path, help="bench-rules --out files")
+    ap.add_argument("--grid", type=Path, help="the workflow's eval/grid folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    rows = load_rows(args.rows)
+    rows = load_rows(args.rows) + (load_grid(args.grid) if args.grid else [])
+    if not rows:
+        ap.error("no rows with drift: give bench-rules files or --grid")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "tau_vs_drift.md", report(rows) + "\n")
     figure(rows, args.out)

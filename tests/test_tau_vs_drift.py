@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from analysis.tau_vs_drift import compare, frontier, load_rows, main, report, tau_at
+from analysis.tau_vs_drift import frontier, load_grid, load_rows, main, report, tau_at
 
 ROWS = [
     {"tree": "chain-4", "method": "cascade", "params": {}, "drift_mean": 0.02, "tau": 2.0, "speedup": 1.1},
@@ -23,9 +23,18 @@ def test_frontier_keeps_the_best_tau_at_each_drift():
     assert tau_at(front, 0.05) == 2.0 and tau_at(front, 0.2) == 2.6 and tau_at(front, 0.01) is None
 
 
-def test_compare_reads_cascades_frontier_at_each_competitors_drift():
-    rows = compare(ROWS, "cascade", "chain-4")
-    assert [(r["drift"], r["cascade_tau"]) for r in rows] == [(0.05, 2.0), (0.01, None)]
+def test_grid_cells_become_rows_with_their_overrides(tmp_path):
+    cell = {"tree": "chain-4", "drafter": "eagle", "method": "lantern", "tau": 2.5, "speedup": 1.1, "drift_mean": 0.2,
+            "rule_params": {"k": 1000, "delta": 0.2, "residual": "reference-code"}, "paper_bound_mean": 0.2,
+            "paper_bound_violated_fraction": 0.4}
+    other = cell | {"drafter": "eagle3"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/cell.json").write_text(json.dumps(cell))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "vanilla.json").write_text(json.dumps({"tree": "-", "drafter": "-", "method": "vanilla", "tau": 1.0}))
+    rows = load_grid(tmp_path)
+    assert rows == [{"tree": "chain-4", "method": "lantern", "tau": 2.5, "speedup": 1.1, "params": {"delta": 0.2},
+                     "drift_mean": 0.2, "drift_paper_bound_mean": 0.2, "paper_bound_violated_fraction": 0.4}]
 
 
 def test_report_and_cli(tmp_path):
