@@ -22,6 +22,7 @@ import numpy as np
 
 from analysis.estimators import sequence_bound
 from cascade_sd.acceptance import RULES
+from cascade_sd.acceptance.registry import overrides
 from cascade_sd.errors import DataError
 from cascade_sd.metrics.drift import TOLERANCE, paper_bound_stats
 
@@ -112,8 +113,8 @@ def format_audit(audits: list[RunAudit], *, per_position: bool = False) -> str:
     for a in audits:
         drift = np.array([r["drift_mean"] for r in a.rows])
         bound = np.array([r["bound_mean"] for r in a.rows])
-        defaults = RULES[a.method].defaults() if a.method in RULES else {}
-        params = ", ".join(f"{k}={v}" for k, v in a.params.items() if defaults.get(k, object()) != v) or "defaults"
+        changed = overrides(a.method, a.params) if a.method in RULES else a.params
+        params = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
         seq = a.sequence
         lines.append(
             f"| {a.name} | {a.method} | {params} | {drift.mean():.4g} | {max(r['drift_max'] for r in a.rows):.4g} "

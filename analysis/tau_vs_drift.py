@@ -36,16 +36,15 @@ def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
 
 def load_grid(folder: Path, drafter: str = "eagle") -> list[dict[str, Any]]:
     """The workflow's evaluated grid cells (``eval/grid/**.json``) of one drafter as bench rows."""
-    from cascade_sd.acceptance import RULES
+    from cascade_sd.acceptance.registry import overrides
 
     rows = []
     for path in sorted(Path(folder).rglob("*.json")):
         cell = json.loads(path.read_text())
         if cell["method"] == "vanilla" or cell["drafter"] != drafter or "drift_mean" not in cell:
             continue
-        defaults = RULES[cell["method"]].defaults()
         rows.append({"tree": cell["tree"], "method": cell["method"], "tau": cell["tau"], "speedup": cell["speedup"],
-                     "params": {k: v for k, v in cell["rule_params"].items() if defaults.get(k) != v},
+                     "params": overrides(cell["method"], cell["rule_params"]),
                      "drift_mean": cell["drift_mean"], "drift_paper_bound_mean": cell.get("paper_bound_mean"),
                      "paper_bound_violated_fraction": cell.get("paper_bound_violated_fraction")})
     return rows
@@ -99,7 +98,7 @@ def _fmt(x: float | None) -> str:
 def figure(rows: list[dict[str, Any]], out: Path) -> None:
     """τ vs mean per-node drift, one panel per tree family, one colour per rule (its frontier as a line)."""
     trees = sorted({r["tree"] for r in rows})
-    fig, axes = plt.subplots(1, len(trees), figsize=(4.2 * len(trees), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(trees), figsize=(4.2 * len(trees) + 1.5, 4), squeeze=False, layout="constrained")
     for ax, tree in zip(axes[0], trees):
         for method in sorted({r["method"] for r in rows if r["tree"] == tree}):
             pts = [(r["drift_mean"], r["tau"]) for r in rows if r["tree"] == tree and r["method"] == method]
@@ -109,7 +108,10 @@ def figure(rows: list[dict[str, Any]], out: Path) -> None:
         ax.set_title(tree)
         ax.set_xlabel("measured TV per node (mean)")
     axes[0, 0].set_ylabel("τ (mean accepted length)")
-    axes[0, -1].legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:
+        handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
     _save(fig, out / "tau_vs_drift.png")
 
 

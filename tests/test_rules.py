@@ -436,3 +436,13 @@ def test_nearest_equals_a_stable_full_sort_with_many_ties():
         k = int(torch.randint(1, v, (1,), generator=g))
         dist = torch.randint(0, 5, (7, v), generator=g).double()  # coarse values: ties everywhere
         assert torch.equal(_nearest(dist, k), torch.sort(dist, dim=-1, stable=True).indices[:, :k])
+
+
+def test_overrides_are_the_entries_that_differ_from_the_resolved_defaults():
+    from cascade_sd.acceptance.registry import overrides
+
+    assert overrides("cascade", get_rule("cascade").params) == {}
+    assert overrides("cascade", get_rule("cascade", tau_b=0.5).params) == {"tau_b": 0.5}
+    # the Lumina variant's own defaults (tau_b 0.5, tau_d 0.9, ...) are not overrides; the variant is
+    assert overrides("cascade", get_rule("cascade", variant="lumina").params) == {"variant": "lumina"}
+    assert overrides("lantern", get_rule("lantern", delta=0.2).params) == {"delta": 0.2}
