@@ -538,7 +538,7 @@ def doctor(config: Optional[Path] = ConfigOpt,
     for key, value in rows.items():
         typer.echo(f"{key:>20}: {value}")
     if mismatches:
-        width = max(len(m.name) for m in mismatches)
+        width = max(len("package"), *(len(m.name) for m in mismatches))
         typer.echo(f"\n{'package':<{width}}  {'locked':<14}  installed")
         for m in mismatches:
             typer.echo(f"{m.name:<{width}}  {m.locked:<14}  {m.installed or 'missing'}")
