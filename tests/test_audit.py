@@ -76,3 +76,23 @@ def test_audit_of_a_folder_without_drift_is_a_one_line_error(tmp_path):
                             text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "holds no drift.npz" in result.stderr
+
+
+def test_paper_bound_shares_count_every_verified_node_and_every_run():
+    """Zero-drift verified nodes belong in the denominator; unvisited positions do not; a run counts
+    as over the paper's bound when any of its nodes is."""
+    import numpy as np
+
+    from analysis.audit import audit_arrays, format_audit
+    from cascade_sd.metrics.drift import paper_bound_stats
+
+    drift = np.array([[0.0, 0.0, 0.3, 0.05], [0.0, 0.02, 0.0, 0.0]])
+    paper = np.array([[0.0, 0.1, 0.1, 0.1], [0.0, 0.1, 0.1, 0.1]])
+    visited = np.array([[False, True, True, True], [False, True, True, False]])
+    stats = paper_bound_stats(drift, paper, visited)
+    assert stats == {"paper_bound_mean": 0.1, "paper_bound_violated_fraction": 0.2, "paper_bound_violated": True}
+    nan = np.full_like(drift, np.nan)
+    runs = [audit_arrays(f"r{i}", {"method": "lantern"}, drift[i:i + 1], nan[:1], np.ones((1, 4), bool),
+                         paper=paper[i:i + 1], visited=visited[i:i + 1]) for i in range(2)]
+    assert [r.paper_violated for r in runs] == [True, False]
+    assert "lantern: the paper's stated bound is exceeded at some node in 1 of 2 runs." in format_audit(runs)

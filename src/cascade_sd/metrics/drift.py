@@ -114,8 +114,6 @@ class DrawSignals:
         return {k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}
 
 
-
-
 def _draw_sequences_exact(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordered draw of n distinct tokens from q's support with its probability (without replacement)."""
     support = torch.nonzero(q > 0).flatten().tolist()
