@@ -1,4 +1,4 @@
-"""τ against measured drift per tree family, from ``cascade-sd bench-rules --out rows.json`` files.
+"""τ against measured drift per tree family, from ``cascade-sd bench-rules --out`` rows and grid cells.
 
 For every rule the settings of its strength sweep give points (mean per-node drift, τ); their
 upper frontier (best τ at most a given drift) is what a rule offers. The report answers "at equal
@@ -71,7 +71,7 @@ def _params(p: dict[str, Any]) -> str:
 
 
 def report(rows: list[dict[str, Any]], rules: tuple[str, ...] = ("cascade", "cascade_bounded")) -> str:
-    """Markdown: per tree family, every setting (drift, τ, declared and paper bounds) and each of
+    """Markdown: per tree family, every setting (drift, τ, speedup, the paper's bound) and each of
     ``rules``' best τ at that setting's drift."""
     lines: list[str] = []
     for tree in sorted({r["tree"] for r in rows}):
