@@ -24,7 +24,7 @@ from analysis.estimators import sequence_bound
 from cascade_sd.acceptance import RULES
 from cascade_sd.acceptance.registry import overrides
 from cascade_sd.errors import DataError
-from cascade_sd.metrics.drift import TOLERANCE, paper_bound_stats
+from cascade_sd.metrics.drift import TOLERANCE, paper_bound_cell, paper_bound_stats
 
 
 @dataclass
@@ -101,9 +101,7 @@ def audit_folder(folder: str | Path, tolerance: float = TOLERANCE) -> list[RunAu
 
 
 def _paper(a: RunAudit) -> str:
-    if a.paper_bound is None:
-        return "–"
-    return f"{a.paper_bound:.4g} ({a.paper_violated_fraction:.0%})"
+    return paper_bound_cell(a.paper_bound, a.paper_violated_fraction, ".4g")
 
 
 def format_audit(audits: list[RunAudit], *, per_position: bool = False) -> str:

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from cascade_sd.acceptance import RULES  # noqa: E402
 from cascade_sd.io import atomic_write_text  # noqa: E402
+from cascade_sd.metrics.drift import paper_bound_cell  # noqa: E402
 
 TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min", "speedup_max",
                  "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
@@ -61,9 +62,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def _paper_cell(r: dict[str, Any]) -> str:
-    if r.get("paper_bound_mean") is None:
-        return "–"
-    return f"{r['paper_bound_mean']:.4f} ({r['paper_bound_violated_fraction']:.0%})"
+    return paper_bound_cell(r.get("paper_bound_mean"), r.get("paper_bound_violated_fraction"))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

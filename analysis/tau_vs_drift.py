@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.figures import _colour, _save  # noqa: E402
 from cascade_sd.io import atomic_write_text  # noqa: E402
+from cascade_sd.metrics.drift import paper_bound_cell  # noqa: E402
 
 
 def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
@@ -81,8 +82,7 @@ def report(rows: list[dict[str, Any]], rules: tuple[str, ...] = ("cascade", "cas
                   + "".join(f"| {rule} τ at this drift " for rule in rules) + "|",
                   "|" + "---|" * (6 + len(rules))]
         for r in here:
-            paper = r.get("drift_paper_bound_mean")
-            paper_s = "–" if paper is None else f"{paper:.4f} ({r['paper_bound_violated_fraction']:.0%})"
+            paper_s = paper_bound_cell(r.get("drift_paper_bound_mean"), r.get("paper_bound_violated_fraction"))
             best = "".join(
                 f"| {'–' if r['method'] == rule else _fmt(tau_at(fronts[rule], r['drift_mean']))} " for rule in rules)
             lines.append(f"| {r['method']} | {_params(r['params'])} | {r['drift_mean']:.4f} | {r['tau']:.2f} "

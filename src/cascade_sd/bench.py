@@ -25,6 +25,7 @@ from cascade_sd import api
 from cascade_sd.acceptance import RULES, get_rule
 from cascade_sd.decoding.processing import SamplingParams
 from cascade_sd.errors import ConfigError, check_int
+from cascade_sd.metrics.drift import paper_bound_cell
 
 
 def _sync(device: torch.device) -> None:
@@ -255,7 +256,7 @@ def format_rule_table(rows: list[dict[str, Any]]) -> str:
         bound = r.get("drift_bound_mean")
         bound_s = "-" if "drift_mean" not in r else ("none" if bound is None else f"{bound:.4f}")
         paper = r.get("drift_paper_bound_mean")
-        paper_s = "-" if paper is None else f"{paper:.4f} ({r['paper_bound_violated_fraction']:.0%})"
+        paper_s = paper_bound_cell(paper, r.get("paper_bound_violated_fraction"), missing="-")
         exact = f"{r['drift_exact_fraction']:.0%}" if "drift_exact_fraction" in r else "-"
         lines.append(f"| {r['tree']} | {r['method']} | {params} | {r['tau']:.2f} | {r['speedup']:.2f} | {drift} | {bound_s} "
                      f"| {paper_s} | {exact} | {judge} | {fid} |")

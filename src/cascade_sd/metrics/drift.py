@@ -248,6 +248,11 @@ class DriftRecorder:
         return out
 
 
+def paper_bound_cell(mean: float | None, fraction: float | None, spec: str = ".4f", missing: str = "–") -> str:
+    """A table cell for a paper's stated bound: its mean and, in brackets, the share of nodes over it."""
+    return missing if mean is None else f"{mean:{spec}} ({fraction:.0%})"
+
+
 def paper_bound_stats(drift: np.ndarray, paper: np.ndarray, visited: np.ndarray) -> dict[str, Any]:
     """A paper's stated bound over the verified nodes (``visited``): its mean, the share of those nodes
     whose drift exceeds it, and whether any does (one definition for the recorder, grid and audit)."""
