@@ -352,6 +352,21 @@ def test_gsd_is_the_reference_cluster():
     assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([5]), ctx)) == pytest.approx(float(p[0, 5] / q[0, 5]))
 
 
+def test_gsd_distance_table_equals_the_direct_squared_distance():
+    """The GEMM-built table decides every pair as Σ (y − x)² < t does, pairs exactly at the threshold included."""
+    gen = torch.Generator().manual_seed(3)
+    book = torch.randn(300, 24, generator=gen, dtype=torch.float64) * 0.3
+    book[1] = book[0].clone()
+    book[1, 0] += 0.5 ** 0.5  # (y − x)² = 0.5 up to rounding: the expansion alone may land either side
+    direct = (book[None] - book[:, None]).pow(2).sum(-1)
+    for thr in (0.5, float(direct[0, 1]), float(direct.median())):
+        rule = get_rule("gsd", dist_threshold=thr)
+        rule.bind(RuleResources(vocab=300, codebook=book, token_embeddings=book))
+        table = rule._close_table(torch.device("cpu"))
+        assert torch.equal(table, direct < thr)
+        assert 0 < int(table.sum()) < 300 * 300
+
+
 # ---------------------------------------------------------------------------- parameters
 def test_parameter_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"delta=-0.1 is out of range; allowed \[0, 1\]"):

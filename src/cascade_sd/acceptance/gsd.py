@@ -44,12 +44,14 @@ class GSDRule(AcceptanceRule):
                                 doc="embedding filter: squared L2 distance of target input embeddings < t"),
     }
     embeddings: torch.Tensor | None = None
+    _close: torch.Tensor | None = None
 
     def bind(self, resources: RuleResources) -> None:
         """Keep the target's input token embeddings for the distance filter."""
         if resources.token_embeddings is None:
             raise ConfigError("method='gsd' needs the target's input token embeddings; this bundle has none")
         self.embeddings = resources.token_embeddings.detach().double()
+        self._close = None
 
     def node_extras(self, prepared: Any, view: TreeView, node: torch.Tensor, kids: torch.Tensor) -> dict[str, Any]:
         """The node's CFG-guided target logits [B, V] (the sort order of the window)."""
@@ -79,12 +81,27 @@ class GSDRule(AcceptanceRule):
 
     def _members(self, p: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         """Which window tokens [B, 2w] pass both filters."""
+        gap_ok = (p.gather(-1, tokens) - gather(p, x).unsqueeze(-1)).abs() < self.params["p_threshold"]
+        dist_ok = self._close_table(p.device)[x.unsqueeze(-1), tokens]
+        return inside & gap_ok & dist_ok
+
+    def _close_table(self, device: torch.device) -> torch.Tensor:
+        """[V, V] bool: squared L2 distance of the target's input embeddings of (x, y) < dist_threshold,
+        built once per device as the reference builds its distance table once (L1196–1199). One GEMM gives
+        |x|² + |y|² − 2x·y; pairs within its rounding slack of the threshold are decided by the direct
+        Σ (y − x)², so the table equals the direct expression everywhere."""
         if self.embeddings is None:
             raise ConfigError("rule 'gsd' has no embeddings; call bind() first")
-        book = self.embeddings.to(p.device)
-        gap_ok = (p.gather(-1, tokens) - gather(p, x).unsqueeze(-1)).abs() < self.params["p_threshold"]
-        dist_ok = (book[tokens] - book[x].unsqueeze(-2)).pow(2).sum(-1) < self.params["dist_threshold"]
-        return inside & gap_ok & dist_ok
+        if self._close is None or self._close.device != device:
+            book, thr = self.embeddings.to(device), self.params["dist_threshold"]
+            sq = (book * book).sum(-1)
+            scale = sq[:, None] + sq[None]
+            approx = scale - 2 * book @ book.T
+            close = approx < thr
+            i, j = ((approx - thr).abs() <= 1e-9 * scale + 1e-12).nonzero().T  # far above float64 rounding
+            close[i, j] = (book[j] - book[i]).pow(2).sum(-1) < thr
+            self._close = close
+        return self._close
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
         """min(1, p_j(C)/q_j(C)); min(1, p_j(C)) for point masses; the strict ratio without a cluster."""

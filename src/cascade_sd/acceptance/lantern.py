@@ -293,9 +293,11 @@ class _LatentProximity(AcceptanceRule):
                 w = torch.ones(1, dtype=pr.dtype, device=pr.device)
                 state = NodeState(p=pr[None], q=None)
             a, a_strict = self.accept_prob(state, xs, ctx), strict_ratio(state, xs)
-            relaxed, strict = self.bonus_after_reject(state, xs, ctx), strict_residual_law(state, xs)
-            split = 0.5 * (relaxed - strict).abs().sum(-1)
-            first.append((w * ((a - a_strict).clamp_min(0.0) + (1 - a) * split)).sum())
+            both = a < 1  # only draws the relaxed rule may reject have residuals to compare
+            rejected = state.rows(both)
+            relaxed = self.bonus_after_reject(rejected, xs[both], ctx)
+            split = 0.5 * (relaxed - strict_residual_law(rejected, xs[both])).abs().sum(-1)
+            first.append((w * (a - a_strict).clamp_min(0.0)).sum() + (w[both] * (1 - a[both]) * split).sum())
             accept.append((w * a).sum())
         return torch.stack(first), torch.stack(accept)
 

@@ -39,22 +39,29 @@ def sequence_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: No
     """
     p, q = _as_rows(p), _as_rows(q)
     draws, vocab = seqs.shape[0], p.shape[-1]
+    per_draw = _per_draw(ctx, draws)
     law = torch.zeros(vocab, dtype=torch.float64, device=p.device)
     for lo in range(0, draws, chunk):
-        part = slice(lo, min(lo + chunk, draws))
-        d = part.stop - part.start
-        sub = ctx if not _per_draw(ctx, draws) else ctx.rows(torch.arange(part.start, part.stop), draws)
-        state = rule.start(p.expand(d, vocab), q.expand(d, vocab), True, sub)
-        weight = weights[part].to(torch.float64)
+        idx = torch.arange(lo, min(lo + chunk, draws))
+        sub = ctx.rows(idx, draws) if per_draw else ctx
+        state = rule.start(p.expand(len(idx), vocab), q.expand(len(idx), vocab), True, sub)
+        weight = weights[idx].to(torch.float64)
         for j in range(seqs.shape[1]):
             if drawn is not None:
-                live = drawn[part, j]
+                live = drawn[idx, j]
                 law += (weight * ~live).unsqueeze(-1).mul(rule.bonus_law(state, sub)).sum(0)
                 weight = weight * live
-            x = seqs[part, j]
+            x = seqs[idx, j]
             a = rule.accept_prob(state, x, sub)
             law.index_add_(0, x, weight * a)
             weight = weight * (1 - a)
+            going = weight > 0  # a branch accepted for sure (or unreachable) needs no residual: same law, less work
+            if not going.all():
+                if per_draw:
+                    sub = sub.rows(going, len(going))
+                idx, x, weight, state = idx[going], x[going], weight[going], state.rows(going)
+                if not idx.numel():
+                    break
             if j == seqs.shape[1] - 1:  # every sibling rejected: the bonus from the last residual
                 law += (weight.unsqueeze(-1) * rule.bonus_after_reject(state, x, sub)).sum(0)
             else:
