@@ -20,6 +20,7 @@ p_j's (ties by index), which agrees with the logits' order wherever p_j > 0.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ import torch
 from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, Param, RuleResources, TreeView, gather
 from cascade_sd.acceptance.strict import strict_ratio, strict_residual
 from cascade_sd.errors import ConfigError
+
+#: Distance tables by (embeddings digest, threshold, device): a decode builds its rule afresh, the table once.
+_CLOSE: dict[tuple[str, float, str], torch.Tensor] = {}
 
 
 class GSDRule(AcceptanceRule):
@@ -44,14 +48,13 @@ class GSDRule(AcceptanceRule):
                                 doc="embedding filter: squared L2 distance of target input embeddings < t"),
     }
     embeddings: torch.Tensor | None = None
-    _close: torch.Tensor | None = None
 
     def bind(self, resources: RuleResources) -> None:
         """Keep the target's input token embeddings for the distance filter."""
         if resources.token_embeddings is None:
             raise ConfigError("method='gsd' needs the target's input token embeddings; this bundle has none")
         self.embeddings = resources.token_embeddings.detach().double()
-        self._close = None
+        self._digest = hashlib.sha256(self.embeddings.cpu().numpy().tobytes()).hexdigest()[:16]
 
     def node_extras(self, prepared: Any, view: TreeView, node: torch.Tensor, kids: torch.Tensor) -> dict[str, Any]:
         """The node's CFG-guided target logits [B, V] (the sort order of the window)."""
@@ -87,21 +90,24 @@ class GSDRule(AcceptanceRule):
 
     def _close_table(self, device: torch.device) -> torch.Tensor:
         """[V, V] bool: squared L2 distance of the target's input embeddings of (x, y) < dist_threshold,
-        built once per device as the reference builds its distance table once (L1196–1199). One GEMM gives
-        |x|² + |y|² − 2x·y; pairs within its rounding slack of the threshold are decided by the direct
-        Σ (y − x)², so the table equals the direct expression everywhere."""
+        built once per embeddings, threshold and device (kept in memory), as the reference builds its
+        distance table once (L1196–1199). One GEMM gives |x|² + |y|² − 2x·y; pairs within its rounding
+        slack of the threshold are decided by the direct Σ (y − x)², so the table equals the direct
+        expression everywhere."""
         if self.embeddings is None:
             raise ConfigError("rule 'gsd' has no embeddings; call bind() first")
-        if self._close is None or self._close.device != device:
-            book, thr = self.embeddings.to(device), self.params["dist_threshold"]
+        thr = self.params["dist_threshold"]
+        key = (self._digest, thr, str(device))
+        if key not in _CLOSE:
+            book = self.embeddings.to(device)
             sq = (book * book).sum(-1)
             scale = sq[:, None] + sq[None]
             approx = scale - 2 * book @ book.T
             close = approx < thr
             i, j = ((approx - thr).abs() <= 1e-9 * scale + 1e-12).nonzero().T  # far above float64 rounding
             close[i, j] = (book[j] - book[i]).pow(2).sum(-1) < thr
-            self._close = close
-        return self._close
+            _CLOSE[key] = close
+        return _CLOSE[key]
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
         """min(1, p_j(C)/q_j(C)); min(1, p_j(C)) for point masses; the strict ratio without a cluster."""
