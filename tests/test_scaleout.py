@@ -94,7 +94,7 @@ def test_workflow_logs_to_a_postgres_backed_mlflow_server(mlflow_server, ci_work
     # Same config and seed as the session's run: identical checkpoints and decoded tokens.
     first, second = reproducible_outputs(ci_workflow), reproducible_outputs(results)
     assert len(second) >= 14 and {"metrics/target.json", "metrics/tokenizer.json", "metrics/continuous_draft.json",
-                                  "data/tokens.npz"} <= set(second)
+                                  "data/tokens.npz", "samples/vanilla/seed0/tokens.npz"} <= set(second)
     assert sum(k.startswith("decode/") for k in second) == 4 and any(k.startswith("continuous/decode/") for k in second)
     assert {k: first.get(k) for k in second} == second, sorted(k for k in second if first.get(k) != second[k])
 

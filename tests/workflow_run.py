@@ -23,9 +23,9 @@ def snakemake(*args: str, timeout: int = 120, env: dict[str, str] | None = None)
                           env=full | (env or {}))
 
 
-# Every model of the `.test` DAG, the vanilla samples, a decode cell of each drafter family the grid
-# uses (LANTERN's drift on eagle, CASCADE's probed drift on eagle-rw2) and a CSpD cell: the part of
-# the DAG a second run repeats (the reductions after the cells read only these outputs).
+# What a second run of the `.test` DAG repeats: every model, the vanilla samples, a decode cell of each
+# kind (LANTERN's drift on eagle, CASCADE's probed drift on eagle-rw2) and a CSpD cell. The rest of
+# the DAG is more cells of the same jobs and reductions over their outputs.
 REPEATED_TARGETS = (
     *(f"metrics/{name}.json" for name in ("tokenizer", "target", "judge", "drafter-eagle", "drafter-eagle3",
                                            "drafter-eagle-rw2", "autoencoder", "continuous_target", "continuous_draft")),
