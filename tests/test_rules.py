@@ -352,8 +352,11 @@ def test_gsd_is_the_reference_cluster():
     assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([5]), ctx)) == pytest.approx(float(p[0, 5] / q[0, 5]))
 
 
-def test_gsd_distance_table_equals_the_direct_squared_distance():
+@pytest.mark.parametrize("block", [2**24, 300 * 7])  # one row block, and 43 blocks of 7 rows
+def test_gsd_distance_table_equals_the_direct_squared_distance(block, monkeypatch):
     """The GEMM-built table decides every pair as Σ (y − x)² < t does, pairs exactly at the threshold included."""
+    monkeypatch.setattr("cascade_sd.acceptance.gsd._BLOCK", block)
+    monkeypatch.setattr("cascade_sd.acceptance.gsd._CLOSE", {})
     gen = torch.Generator().manual_seed(3)
     book = torch.randn(300, 24, generator=gen, dtype=torch.float64) * 0.3
     book[1] = book[0].clone()

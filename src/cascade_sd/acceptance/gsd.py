@@ -31,6 +31,8 @@ from cascade_sd.errors import ConfigError
 
 #: Distance tables by (embeddings digest, threshold, device): a decode builds its rule afresh, the table once.
 _CLOSE: dict[tuple[str, float, str], torch.Tensor] = {}
+#: float64 entries per row block while a table is built (V = 16384: 1024 rows, 128 MB per temporary).
+_BLOCK = 2**24
 
 
 class GSDRule(AcceptanceRule):
@@ -101,12 +103,16 @@ class GSDRule(AcceptanceRule):
         if key not in _CLOSE:
             book = self.embeddings.to(device)
             sq = (book * book).sum(-1)
-            scale = sq[:, None] + sq[None]
-            approx = scale - 2 * book @ book.T
-            close = approx < thr
-            i, j = ((approx - thr).abs() <= 1e-9 * scale + 1e-12).nonzero().T  # far above float64 rounding
-            close[i, j] = (book[j] - book[i]).pow(2).sum(-1) < thr
-            _CLOSE[key] = close
+            step, blocks = max(1, _BLOCK // len(book)), []
+            for lo in range(0, len(book), step):
+                rows = book[lo : lo + step]
+                scale = sq[lo : lo + step, None] + sq[None]
+                approx = scale - 2 * rows @ book.T
+                close = approx < thr
+                i, j = ((approx - thr).abs() <= 1e-9 * scale + 1e-12).nonzero().T  # far above float64 rounding
+                close[i, j] = (book[j] - rows[i]).pow(2).sum(-1) < thr
+                blocks.append(close)
+            _CLOSE[key] = torch.cat(blocks)
         return _CLOSE[key]
 
     def accept_prob(self, state: NodeState, x: torch.Tensor, ctx: NodeContext) -> torch.Tensor:
