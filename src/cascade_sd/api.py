@@ -22,6 +22,8 @@ from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, condition_padding, vanilla_decode, with_null_condition
 from cascade_sd.errors import CheckpointError, ConfigError, check_choice, check_int
 from cascade_sd.metrics.drift import DriftRecorder
+from cascade_sd.metrics.sequence import SequenceLogProb, check_supported as check_sequence_supported
+from cascade_sd.metrics.sequence import sequence_log_prob as _sequence_log_prob
 from cascade_sd.models.drafters import ARCHS, create_drafter, load_drafter
 from cascade_sd.models.gpt import GPT, load_gpt
 from cascade_sd.models.toy import ToySpec, toy_target
@@ -225,12 +227,8 @@ def decode(
         if rule_params:
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
         return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0])
-    rule = get_rule(method, **rule_params)
-    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
-    rule.bind(bundle.rule_resources())
-    if tree == "dynamic" and total_tokens == "auto":
-        total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
-    shape = make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens)
+    rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
+                                               rule_params)
     check_int("drift_draws", drift_draws, 1)
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
@@ -247,6 +245,66 @@ def decode(
     if isinstance(tree, StaticTree):
         result.stats["tree"] = f"static:{list(tree.paths)}"
     return result
+
+
+def _rule_and_tree(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, params: SamplingParams,
+                   tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any]
+                   ) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
+    """The validated rule (bound to the bundle), the tree and its resolved size (one-line errors first)."""
+    check_choice("method", method, RULES)
+    rule = get_rule(method, **rule_params)
+    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
+    bundle.drafter(drafter)
+    rule.bind(bundle.rule_resources())
+    if tree == "dynamic" and total_tokens == "auto":
+        total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
+    return rule, make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens), total_tokens
+
+
+@torch.no_grad()
+def sequence_log_prob(
+    bundle: Bundle,
+    labels: Any,
+    tokens: Any,
+    *,
+    method: str = "strict",
+    tree: str | StaticTree = "chain-4",
+    drafter: str = "eagle",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 3.0,
+    tree_top_k: int = 10,
+    depth: int = 5,
+    total_tokens: int | str = 60,
+    mc_draws: int = 256,
+    seed: int = 0,
+    **rule_params: Any,
+) -> SequenceLogProb:
+    """Exact log-probability that the speculative sampler (``method`` with its tree, drafter and sampling
+    parameters, as ``decode`` takes them) emits each token sequence ``tokens`` [B, N], with the target's
+    own log P(x) under the same processing (``cascade_sd.metrics.sequence``; analysis/README.md).
+
+    Static trees with several sampled siblings are enumerated while small, else ``mc_draws`` sibling draws
+    are sampled (``result.exact`` is then False). Run the bundle in float64 for exact agreement.
+    """
+    check_int("mc_draws", mc_draws, 1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    cond, valid = bundle.target.prepare_condition(labels)
+    if valid is not None and not bool(valid.all()):
+        raise ConfigError("sequence_log_prob takes class labels or unpadded conditions; got padded conditions")
+    n, vocab = bundle.target.config.block_size, bundle.target.config.vocab_size
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.dim() != 2 or tokens.shape != (cond.shape[0], n):
+        raise ConfigError(f"tokens has shape {tuple(tokens.shape)}; expected ({cond.shape[0]}, {n}): one row of "
+                          f"{n} tokens per condition")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ConfigError(f"tokens hold ids outside [0, {vocab - 1}] (the target's vocabulary)")
+    rule, shape, _ = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens, rule_params)
+    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
+    check_sequence_supported(engine)
+    return _sequence_log_prob(engine, cond, tokens, mc_draws=mc_draws,
+                              generator=torch.Generator().manual_seed(seed))
 
 
 def _vanilla_batches(target: GPT, cond: torch.Tensor, valid: torch.Tensor | None, params: SamplingParams,

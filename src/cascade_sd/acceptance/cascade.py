@@ -146,7 +146,6 @@ class CascadeRule(AcceptanceRule):
     residual_independent_of_candidate = True  # the strict residual, whatever x was
     needs_tree = True
     reads_drafter = True
-    signals_only_raise = True  # s ≥ 0 in min(1, p/(q − s)); bounded CASCADE caps above strict
     strength = "tau_b"
     strength_increases = False
     sweep = ({}, {"tau_b": 0.7, "tau_d": 0.5}, {"tau_b": 0.5, "tau_d": 0.3})
@@ -164,6 +163,12 @@ class CascadeRule(AcceptanceRule):
         prm = self.params
         depth = prm["depth_signal"] and (prm["depth_repr"] != "parent_grandparent" or prm["gate"] == "pair_kl")
         return depth or prm["breadth"]
+
+    @property
+    def signals_only_raise(self) -> bool:  # type: ignore[override]
+        """s ≥ 0 in min(1, p/(q − s)) unless a negative τ_d lets a negative depth cosine count (breadth
+        adds probabilities); bounded CASCADE caps above strict."""
+        return not self.params["depth_signal"] or self.params["tau_d"] >= 0
 
     # ------------------------------------------------------------------ representations
     def _breadth_rep(self, logits: torch.Tensor, hidden: torch.Tensor, params: SamplingParams | None) -> torch.Tensor:

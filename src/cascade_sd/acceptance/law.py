@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from cascade_sd.acceptance.base import AcceptanceRule, NodeContext
+from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -28,14 +28,17 @@ def _without(law: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, seqs: torch.Tensor,
-                 weights: torch.Tensor, drawn: torch.Tensor | None = None, *, chunk: int = 512) -> torch.Tensor:
+                 weights: torch.Tensor, drawn: torch.Tensor | None = None, *, chunk: int = 512,
+                 accepted: torch.Tensor | None = None) -> torch.Tensor:
     """Law [V] of the token a node emits, averaged over given sibling draw sequences ``seqs`` [D, n]
     with ``weights`` [D] (their probabilities for an exact enumeration, 1/D for a Monte-Carlo
     estimate); the accept/reject coins are marginalised exactly through the rule's methods.
 
     ``drawn`` [D, n] marks which entries were really drawn (False once q is exhausted: the branch
     goes straight to the bonus token). ``ctx.extras`` hold one row for every draw or a row per draw
-    sequence (draw-dependent signals); draws are processed ``chunk`` at a time.
+    sequence (draw-dependent signals); draws are processed ``chunk`` at a time. ``accepted`` [n, V],
+    when given, receives the part of the law emitted by accepting sibling j (row j); the rest is the
+    bonus token's.
     """
     p, q = _as_rows(p), _as_rows(q)
     draws, vocab = seqs.shape[0], p.shape[-1]
@@ -54,6 +57,8 @@ def sequence_law(rule: AcceptanceRule, p: torch.Tensor, q: torch.Tensor, ctx: No
             x = seqs[idx, j]
             a = rule.accept_prob(state, x, sub)
             law.index_add_(0, x, weight * a)
+            if accepted is not None:
+                accepted[j].index_add_(0, x, weight * a)
             weight = weight * (1 - a)
             going = weight > 0  # a branch accepted for sure (or unreachable) needs no residual: same law, less work
             if not going.all():
@@ -105,14 +110,7 @@ def induced_law(
             return fast
     weight = torch.ones(1, dtype=torch.float64)
     if not sampled:
-        order = torch.argsort(q[0], descending=True, stable=True)[:n_candidates]
-        for x in order:
-            xs = x.view(1)
-            a = rule.accept_prob(state, xs, ctx)
-            law[x] += (weight * a).sum()
-            weight = weight * (1 - a)
-            state = rule.reject(state, xs, ctx)
-        return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)
+        return point_mass_law(rule, state, torch.argsort(q[0], descending=True, stable=True)[:n_candidates], ctx)[0]
     draw = q.clone()
     for _ in range(n_candidates):
         m = weight.shape[0]
@@ -136,3 +134,21 @@ def induced_law(
         if weight.numel() == 0:
             return law
     return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0)
+
+
+def point_mass_law(rule: AcceptanceRule, state: NodeState, tokens: torch.Tensor, ctx: NodeContext
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(law [V], acceptance [n]) of a node (one row of ``state``) whose candidates are the point masses
+    ``tokens`` [n], tried in order: candidate k is accepted with probability Π_{i<k}(1 − a_i)·a_k, and
+    the bonus token follows every rejection (the walk of ``walk_tree``, enumerated)."""
+    law = torch.zeros(state.p.shape[-1], dtype=torch.float64, device=state.p.device)
+    accept = torch.zeros(len(tokens), dtype=torch.float64, device=state.p.device)
+    weight = torch.ones(1, dtype=torch.float64, device=state.p.device)
+    for k, x in enumerate(tokens):
+        xs = x.view(1)
+        a = rule.accept_prob(state, xs, ctx)
+        accept[k] = (weight * a).sum()
+        law[x] += accept[k]
+        weight = weight * (1 - a)
+        state = rule.reject(state, xs, ctx)
+    return law + (weight.unsqueeze(-1) * rule.bonus_law(state, ctx)).sum(0), accept

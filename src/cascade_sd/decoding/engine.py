@@ -290,8 +290,9 @@ class SpeculativeEngine:
         return tokens[:b], valid[:b], q[:b], h[: rnd.h_root.shape[0]]
 
     # ------------------------------------------------------------------ round phases
-    def _setup(self, cond: torch.Tensor) -> torch.Tensor:
-        """Allocate both caches for ``cond`` [B] and return the condition streams ([cond; null] with CFG)."""
+    def _setup(self, cond: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """Allocate both caches for ``cond`` [B] and return the condition streams ([cond; null] with CFG);
+        ``probe`` reserves the probe slots (``_probe``) whatever the drift recorder."""
         target, drafter = self.target, self.drafter
         cfg = target.config
         self.cls, self.n_tokens = cfg.cls_token_num, cfg.block_size
@@ -300,7 +301,7 @@ class SpeculativeEngine:
         scratch = self.tree.size if isinstance(self.tree, StaticTree) else self.tree.candidates
         # Drift recording of a draw-dependent rule on a sampled tree probes hypothetical children in
         # slots of their own, after the tree's (no real query ever sees them).
-        probing = self.drift is not None and self.rule.draw_dependent and isinstance(self.tree, StaticTree)
+        probing = probe or (self.drift is not None and self.rule.draw_dependent and isinstance(self.tree, StaticTree))
         self.probe_width = min(PROBE_CHUNK, cfg.vocab_size) if probing else 0
         self.drafter_probe = self.n_tokens + scratch
         self.drafter_slots = self.n_tokens + scratch + self.probe_width + 1
@@ -403,14 +404,17 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def round_at(self, cond: torch.Tensor, prefix: torch.Tensor, *, forced: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
+                 generator: torch.Generator | None = None, lengths: torch.Tensor | None = None, probe: bool = False
+                 ) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
         """The draft tree, target laws and rule view of the round that starts after ``prefix`` [B, m ≥ 1].
 
-        For analysis (exact laws on toy bundles): the same phases as ``decode``, with the committed
-        prefix teacher-forced. ``forced`` [B, T+1] fixes a static tree's drafted tokens instead of
-        sampling them (−1 = the child was not drawn).
+        For analysis (exact laws): the same phases as ``decode``, with the committed prefix
+        teacher-forced. ``lengths`` [B] gives each row its own committed length m ≤ prefix length (the
+        tokens after it are written to the target's cache but masked, as in ``decode``). ``forced``
+        [B, T+1] fixes a static tree's drafted tokens instead of sampling them (−1 = the child was not
+        drawn). ``probe`` keeps the probe slots, so ``_probe`` can be called on the round afterwards.
         """
-        streams = self._setup(cond)
+        streams = self._setup(cond, probe)
         b, m_len = prefix.shape
         prefix = prefix.to(self.device)
         out = self._prefill(streams)
@@ -421,9 +425,10 @@ class SpeculativeEngine:
                                    attn_mask=causal_mask(self.cls, m_len - 1, self.t_slots, self.device),
                                    return_hidden=True, return_layers=self.layers)
             feats = torch.cat([feats, self.drafter.target_features(out)], 1)
-        m = torch.full((b,), m_len, dtype=torch.long, device=self.device)
+        m = torch.full((b,), m_len, dtype=torch.long, device=self.device) if lengths is None else lengths.to(self.device)
+        self.live = b
         rnd = self._catch_up(feats, prefix, m, m)
-        tree = self._draft(rnd, prefix[:, -1], m, generator, forced)
+        tree = self._draft(rnd, prefix.gather(1, (m - 1)[:, None])[:, 0], m, generator, forced)
         _, p, view, prepared = self._verify(tree, m, lazy_laws=False)
         return tree, p, view, prepared
 
