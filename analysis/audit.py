@@ -9,6 +9,12 @@ it is reported as inconclusive. Rules without a declared bound are reported, nev
 Beside the declared (certified) bound, rules whose paper states one (LANTERN: δ; LANTERN++:
 (λ − 1)·p(x)) get it reported with the share of verified nodes that exceed it: a finding, not a
 failure (the papers' bounds assume point-mass drafts).
+
+Where a run also holds ``sequence.npz`` (exact log P_SD of some of its images and of target
+images: grid cells, or ``cascade-sd drift RUN``), the table adds the *measured* sequence TV (from
+the sampler's images and from the target's) and KL beside the hybrid bound Σ_t E[TV_t] and the
+certified bound Σ_t (declared node bound); the audit fails when the two TV estimates disagree or
+the measured TV exceeds either bound beyond both intervals (``analysis.sequence_tv.problems``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.estimators import sequence_bound
+from analysis import sequence_tv
+from analysis.estimators import Estimate, sequence_bound
 from cascade_sd.acceptance import RULES
 from cascade_sd.acceptance.registry import overrides
 from cascade_sd.errors import DataError
@@ -42,10 +49,15 @@ class RunAudit:
     paper_bound: float | None = None
     paper_violated_fraction: float | None = None
     paper_violated: bool = False
+    measured: sequence_tv.Measured | None = None
+    certified: Estimate | None = None
+    sequence_problems: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
-        """"violated", "inconclusive", "within bound" or "no declared bound"."""
+        """"violated", "measured TV contradicts", "inconclusive", "within bound" or "no declared bound"."""
+        if self.sequence_problems:
+            return "measured TV contradicts"
         if not self.declares_bound:
             return "no declared bound"
         if self.violations:
@@ -55,9 +67,10 @@ class RunAudit:
 
 def audit_arrays(name: str, stats: dict[str, Any], drift: np.ndarray, bound: np.ndarray, exact: np.ndarray,
                  tolerance: float = TOLERANCE, paper: np.ndarray | None = None,
-                 visited: np.ndarray | None = None) -> RunAudit:
+                 visited: np.ndarray | None = None, sequence: dict[str, np.ndarray] | None = None) -> RunAudit:
     """Audit one run's per-token arrays [images, positions] (``paper``: the paper's bound, NaN where
-    the rule's paper states none; ``visited``: the positions a verified node emitted)."""
+    the rule's paper states none; ``visited``: the positions a verified node emitted; ``sequence``:
+    the arrays of its ``sequence.npz``)."""
     declares = not np.isnan(bound).all()
     over = declares & (drift > np.nan_to_num(bound, nan=np.inf) + tolerance)
     rows = []
@@ -76,6 +89,10 @@ def audit_arrays(name: str, stats: dict[str, Any], drift: np.ndarray, bound: np.
         stats = paper_bound_stats(drift, paper, visited)
         audit.paper_bound, audit.paper_violated_fraction = stats["paper_bound_mean"], stats["paper_bound_violated_fraction"]
         audit.paper_violated = stats["paper_bound_violated"]
+    if sequence is not None:
+        audit.measured = sequence_tv.measure(sequence)
+        audit.certified = sequence_bound(np.nan_to_num(bound)) if declares else None
+        audit.sequence_problems = sequence_tv.problems(audit.measured, seq, audit.certified)
     return audit
 
 
@@ -96,8 +113,12 @@ def audit_folder(folder: str | Path, tolerance: float = TOLERANCE) -> list[RunAu
         except (OSError, KeyError, ValueError) as err:
             raise DataError(f"{path}: not a drift file ({err})") from None
         audits.append(audit_arrays(str(path.parent.relative_to(folder)) or ".", stats, drift, bound, exact, tolerance,
-                                   paper, visited))
+                                   paper, visited, sequence_tv.load([path.with_name("sequence.npz")])))
     return audits
+
+
+def _est(e: Estimate) -> str:
+    return f"{e.value:.4g} [{e.lower:.4g}, {e.upper:.4g}]"
 
 
 def _paper(a: RunAudit) -> str:
@@ -119,6 +140,17 @@ def format_audit(audits: list[RunAudit], *, per_position: bool = False) -> str:
             f"| {np.nanmean(bound) if a.declares_bound else float('nan'):.4g} | {a.violations} | {a.inconclusive} "
             f"| {_paper(a)} | {seq['sequence_bound']:.4g} [{seq['sequence_bound_lower']:.4g}, {seq['sequence_bound_upper']:.4g}] "
             f"| {a.verdict} |")
+    measured = [a for a in audits if a.measured is not None]
+    if measured:
+        lines += ["", "Measured sequence-level drift (exact log P_SD; analysis/README.md \"Sequence-level drift\"):", "",
+                  "| run | method | images | TV from its images [95% CI] | TV from target images | KL(P_SD‖P) nats "
+                  "| Σ_t E[TV_t] | certified Σ_t bound | exact | checks |", "|" + "---|" * 10]
+        for a in measured:
+            m, seq = a.measured, a.sequence
+            cert = "–" if a.certified is None else _est(a.certified)
+            lines.append(f"| {a.name} | {a.method} | {len(m.log_ratio)} | {_est(m.tv)} | {_est(m.tv_target)} | {_est(m.kl)} "
+                         f"| {seq['sequence_bound']:.4g} | {cert} | {'yes' if m.exact else 'no'} "
+                         f"| {'; '.join(a.sequence_problems) or 'pass'} |")
     papers = [a for a in audits if a.paper_bound is not None]
     for method in sorted({a.method for a in papers}):
         mine = [a for a in papers if a.method == method]

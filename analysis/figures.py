@@ -3,8 +3,9 @@
 Input: the per-cell evaluation JSONs (``cascade-sd grid evaluate``) and each cell's sample grid.
 Output in one folder: ``results_table.{csv,md}`` (the papers' columns plus drift), ``pareto``
 (speedup vs in-domain FID per rule), ``strength`` (τ and speedup vs relaxation strength),
-``drift_vs_bound``, ``accept_hist`` (accepted-length histograms) and ``samples`` (one grid per
-method at its defaults).
+``drift_vs_bound``, ``accept_hist`` (accepted-length histograms), ``samples`` (one grid per
+method at its defaults), ``measured_tv`` (τ and speedup against the *measured* sequence TV) and
+``tv_vs_bound`` (measured sequence TV against the hybrid and certified bounds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from cascade_sd.metrics.drift import paper_bound_cell  # noqa: E402
 TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min", "speedup_max",
                  "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
                  "judge_upper", "drift_mean", "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
-                 "sequence_bound", "sequence_lower", "sequence_upper", "images"]
+                 "sequence_bound", "sequence_lower", "sequence_upper", "certified_bound", "certified_lower",
+                 "certified_upper", "measured_tv", "measured_tv_lower", "measured_tv_upper", "measured_tv_target",
+                 "measured_tv_target_lower", "measured_tv_target_upper", "measured_kl", "measured_kl_lower",
+                 "measured_kl_upper", "measured_images", "images"]
 
 
 def load_evals(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -52,7 +56,15 @@ def table_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "drift_mean": e.get("drift_mean"), "drift_bound_mean": e.get("drift_bound_mean"),
             "paper_bound_mean": e.get("paper_bound_mean"), "paper_bound_violated_fraction": e.get("paper_bound_violated_fraction"),
             "sequence_bound": e.get("sequence_bound"), "sequence_lower": ci("sequence_bound_ci")[0],
-            "sequence_upper": ci("sequence_bound_ci")[1], "images": e["images"],
+            "sequence_upper": ci("sequence_bound_ci")[1],
+            "certified_bound": e.get("certified_sequence_bound"), "certified_lower": ci("certified_sequence_bound_ci")[0],
+            "certified_upper": ci("certified_sequence_bound_ci")[1],
+            "measured_tv": e.get("sequence_tv"), "measured_tv_lower": ci("sequence_tv_ci")[0],
+            "measured_tv_upper": ci("sequence_tv_ci")[1], "measured_tv_target": e.get("sequence_tv_target"),
+            "measured_tv_target_lower": ci("sequence_tv_target_ci")[0],
+            "measured_tv_target_upper": ci("sequence_tv_target_ci")[1], "measured_kl": e.get("sequence_kl"),
+            "measured_kl_lower": ci("sequence_kl_ci")[0], "measured_kl_upper": ci("sequence_kl_ci")[1],
+            "measured_images": e.get("sequence_images"), "images": e["images"],
         })
     return rows
 
@@ -72,8 +84,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     debiased value target the population FID (basic bootstrap), so they sit below it.
     """
     lines = ["| method | setting | tree | drafter | τ | speedup (seed range) | FID (n) | FID debiased [95% CI] "
-             "| judge acc [95% CI] | drift/node | declared bound | paper's bound (nodes over it) | Σ_t E[TV_t] [95% CI] |",
-             "|" + "---|" * 13]
+             "| judge acc [95% CI] | drift/node | declared bound | paper's bound (nodes over it) | Σ_t E[TV_t] [95% CI] "
+             "| measured TV [95% CI] (images) | TV from target images | KL(P_SD‖P) nats |",
+             "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['setting']} | {r['tree']} | {r['drafter']} | {r['tau']:.2f} "
@@ -81,8 +94,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {_fmt(r['fid_in_domain'], 1)} | {_fmt(r['fid_corrected'], 1)} [{_fmt(r['fid_lower'], 1)}, {_fmt(r['fid_upper'], 1)}] "
             f"| {_fmt(r['judge_accuracy'], 3)} [{_fmt(r['judge_lower'], 3)}, {_fmt(r['judge_upper'], 3)}] "
             f"| {_fmt(r['drift_mean'], 4)} | {_fmt(r['drift_bound_mean'], 4)} | {_paper_cell(r)} "
-            f"| {_fmt(r['sequence_bound'], 3)} [{_fmt(r['sequence_lower'], 3)}, {_fmt(r['sequence_upper'], 3)}] |")
+            f"| {_fmt(r['sequence_bound'], 3)} [{_fmt(r['sequence_lower'], 3)}, {_fmt(r['sequence_upper'], 3)}] "
+            f"| {_interval(r, 'measured_tv', 3)} ({r['measured_images'] or '–'}) | {_interval(r, 'measured_tv_target', 3)} "
+            f"| {_interval(r, 'measured_kl', 2)} |")
     return "\n".join(lines)
+
+
+def _interval(r: dict[str, Any], key: str, digits: int) -> str:
+    if r.get(key) is None:
+        return "–"
+    if r.get(f"{key}_lower") is None:
+        return _fmt(r[key], digits)
+    return f"{_fmt(r[key], digits)} [{_fmt(r[f'{key}_lower'], digits)}, {_fmt(r[f'{key}_upper'], digits)}]"
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -195,6 +218,81 @@ def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
                                                  "sequence_bound", "sequence_lower", "sequence_upper"])
 
 
+def _tv_err(r: dict[str, Any]) -> list[list[float]]:
+    return [[r["measured_tv"] - r["measured_tv_lower"]], [r["measured_tv_upper"] - r["measured_tv"]]]
+
+
+def measured_tv(rows: list[dict[str, Any]], out: Path) -> None:
+    """τ and speedup against the measured sequence TV (from the sampler's images; x error bars: its 95% CI,
+    speedup bars: the seed range), one series per rule and tree: who is fastest at equal measured TV."""
+    data = [r for r in rows if r["method"] != "vanilla" and r.get("measured_tv_lower") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = {tree: m for tree, m in zip(sorted({r["tree"] for r in data}), "osD^v<>")}
+    for (method, tree), group in _groups(data):
+        pts = sorted(group, key=lambda r: r["measured_tv"])
+        style = dict(color=_colour(method), marker=markers[tree], capsize=2, alpha=0.85, label=f"{method} [{tree}]")
+        axes[0].errorbar([r["measured_tv"] for r in pts], [r["tau"] for r in pts],
+                         xerr=np.hstack([_tv_err(r) for r in pts]), **style)
+        axes[1].errorbar([r["measured_tv"] for r in pts], [r["speedup"] for r in pts],
+                         xerr=np.hstack([_tv_err(r) for r in pts]),
+                         yerr=[[r["speedup"] - r["speedup_min"] for r in pts], [r["speedup_max"] - r["speedup"] for r in pts]],
+                         **style)
+    axes[0].set_ylabel("τ (mean accepted length)")
+    axes[1].set_ylabel("wall-clock speedup vs vanilla (batch 1)")
+    for ax in axes:
+        ax.set_xlabel("measured sequence TV to the target (exact log P_SD, 95% CI)")
+        ax.set_xlim(-0.03, 1.03)
+    if data:
+        axes[0].legend(fontsize=7)
+    else:
+        axes[0].text(0.5, 0.5, "no cell measured its sequence TV (decode.sequence_rows = 0)", ha="center",
+                     transform=axes[0].transAxes)
+    _save(fig, out / "measured_tv.png")
+    write_csv(out / "measured_tv.csv", data, ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min",
+                                              "speedup_max", "measured_tv", "measured_tv_lower", "measured_tv_upper",
+                                              "measured_tv_target", "measured_kl", "measured_images"])
+
+
+def _groups(data: list[dict[str, Any]]) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    keys = sorted({(r["method"], r["tree"]) for r in data}, key=lambda k: (list(RULES).index(k[0]), k[1]))
+    return [(k, [r for r in data if (r["method"], r["tree"]) == k]) for k in keys]
+
+
+def tv_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
+    """Per cell: the measured sequence TV (both estimates) under the hybrid bound Σ_t E[TV_t] and the certified
+    bound Σ_t (declared node bound), all with 95% CIs; log scale, since the bounds pass 1 (vacuous) long
+    before the TV saturates."""
+    data = [r for r in rows if r["method"] != "vanilla" and r.get("measured_tv_lower") is not None]
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(data)), 5))
+    x = np.arange(len(data))
+    series = [("measured_tv", "measured TV (sampler's images)", "o", -0.2), ("measured_tv_target",
+              "measured TV (target's images)", "s", -0.07), ("sequence", "hybrid bound Σ_t E[TV_t]", "^", 0.07),
+              ("certified", "certified bound Σ_t declared", "v", 0.2)]
+    for key, label, marker, dx in series:
+        value = key if key.startswith("measured") else f"{key}_bound"
+        pts = [(i, r) for i, r in enumerate(data) if r.get(value) is not None]
+        if not pts:
+            continue
+        vals = np.array([r[value] for _, r in pts])
+        lower = np.array([r[f"{key}_lower"] for _, r in pts], dtype=np.float64)
+        upper = np.array([r[f"{key}_upper"] for _, r in pts], dtype=np.float64)
+        ax.errorbar([x[i] + dx for i, _ in pts], vals, yerr=[vals - lower, upper - vals], fmt=marker, capsize=2,
+                    label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, [_label(r) for r in data], rotation=75, ha="right", fontsize=7)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylabel("sequence-level total variation (bounds above 1 are vacuous)")
+    if data:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no cell measured its sequence TV (decode.sequence_rows = 0)", ha="center", transform=ax.transAxes)
+    _save(fig, out / "tv_vs_bound.png")
+    write_csv(out / "tv_vs_bound.csv", data, ["method", "setting", "tree", "drafter", "measured_tv", "measured_tv_lower",
+                                              "measured_tv_upper", "measured_tv_target", "measured_tv_target_lower",
+                                              "measured_tv_target_upper", "sequence_bound", "sequence_lower",
+                                              "sequence_upper", "certified_bound", "certified_lower", "certified_upper"])
+
+
 def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:
     """Accepted-length distributions (share of rounds accepting k drafted tokens) per cell at defaults."""
     data = [e for e in evals if e["method"] != "vanilla" and e["setting"] == "default" and e["accept_histogram"]]
@@ -242,4 +340,6 @@ def make_all(eval_paths: list[Path], grids: list[Path], out: Path) -> list[dict[
     drift_vs_bound(rows, out)
     accept_hist(evals, out)
     samples(evals, grids, out)
+    measured_tv(rows, out)
+    tv_vs_bound(rows, out)
     return rows

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -96,3 +97,35 @@ def test_paper_bound_shares_count_every_verified_node_and_every_run():
                          paper=paper[i:i + 1], visited=visited[i:i + 1]) for i in range(2)]
     assert [r.paper_violated for r in runs] == [True, False]
     assert "lantern: the paper's stated bound is exceeded at some node in 1 of 2 runs." in format_audit(runs)
+
+
+def test_drift_measures_a_decode_folder_and_the_audit_checks_it(tmp_path):
+    """`cascade-sd drift RUN` writes the exact log-ratios of a decode folder; the audit then prints the measured
+    sequence TV beside both bounds and fails once the two TV estimates contradict each other."""
+    runner = CliRunner()
+    run = tmp_path / "run"
+    decoded = runner.invoke(app, ["decode", "--bundle", BUNDLE, "--out-dir", str(run), "--method", "coolsd", "--tree",
+                                  "chain-3", "--labels", "0,1,0,1,0,1", "--cfg-scale", "2.0", "--record-drift",
+                                  "--delta", "4.0"])
+    assert decoded.exit_code == 0, decoded.output
+    measured = runner.invoke(app, ["drift", str(run), "--bundle", BUNDLE, "--images", "6"])
+    assert measured.exit_code == 0, measured.output
+    row = json.loads(measured.output.strip().splitlines()[-1])
+    assert row["sequence_images"] == 6 and row["sequence_exact"] and row["sequence_tv_agree"]
+    assert 0.0 < row["sequence_tv"] <= 1.0
+    audit = runner.invoke(app, ["audit", str(run)])
+    assert audit.exit_code == 0, audit.output
+    assert "Measured sequence-level drift" in audit.output and "| pass |" in audit.output
+    arrays = dict(np.load(run / "sequence.npz"))
+    arrays["target_log_sd"] = arrays["target_log_target"] - 50.0  # the target's images: never emitted by the sampler
+    arrays["sampler_log_sd"] = arrays["sampler_log_target"]  # the sampler's images: exactly the target's law
+    atomic_savez(run / "sequence.npz", **arrays)
+    contradicted = runner.invoke(app, ["audit", str(run)])
+    assert contradicted.exit_code == 1
+    assert "disagree" in contradicted.output
+
+
+def test_drift_rejects_a_folder_it_cannot_measure(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["drift", str(tmp_path), "--bundle", BUNDLE])
+    assert missing.exit_code != 0 and "needs tokens.npz and stats.json" in str(missing.exception or missing.output)

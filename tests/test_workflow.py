@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from analysis.sequence_tv import NUMERICAL_TOLERANCE
+
 from workflow_run import BIN, ROOT, snakemake
 
 
@@ -69,7 +71,7 @@ def _runs(results: Path) -> tuple[dict, list]:
     return info, mlflow.search_runs(experiment_ids=[info["experiment_id"]], output_format="list")
 
 
-TIMING_KEYS = {"vanilla_seconds_per_image", "seconds_per_image", "speedup"}
+TIMING_KEYS = {"vanilla_seconds_per_image", "seconds_per_image", "speedup", "sequence_seconds_per_image"}
 
 
 @pytest.mark.slow
@@ -93,8 +95,18 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
 
     figures = results / "figures"
     for name in ("pareto", "strength", "drift_vs_bound", "accept_hist", "samples", "redundancy_breadth",
-                 "redundancy_depth", "results_table"):
+                 "redundancy_depth", "results_table", "measured_tv", "tv_vs_bound"):
         assert (figures / f"{name}.csv").stat().st_size > 0
+    # Measured sequence TV in every speculative cell: exact, both estimates agreeing, strict's exactly 0.
+    for path in (results / "eval/grid").glob("**/*.json"):
+        cell = json.loads(path.read_text())
+        if cell["method"] == "vanilla":
+            continue
+        assert cell["sequence_exact"] and cell["sequence_tv_agree"] and not cell["sequence_problems"], path
+        assert 0.0 <= cell["sequence_tv_ci"][0] <= cell["sequence_tv"] <= cell["sequence_tv_ci"][1] <= 1.0
+        assert cell["sequence_tv_ci"][0] <= cell["sequence_bound_ci"][1] + NUMERICAL_TOLERANCE, path  # TV ≤ Σ_t E[TV_t]
+        if cell["method"] == "strict":  # exact up to float32 differences between forward passes
+            assert cell["sequence_tv"] < NUMERICAL_TOLERANCE and abs(cell["sequence_kl"]) < NUMERICAL_TOLERANCE, path
     table = (figures / "results_table.md").read_text()
     for method in ("vanilla", "strict", "lantern", "lantern_pp", "coolsd", "gsd", "cascade", "cascade_bounded"):
         assert f"| {method} |" in table
@@ -105,7 +117,8 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
         assert row["tau"] >= 1.0 and row.get("capped_resamples", 0) == 0 and row["fid_in_domain"] >= 0.0
     assert json.loads((results / "metrics/autoencoder.json").read_text())["test_psnr_db"] > 10
     audit = json.loads((results / "decode/audit.json").read_text())
-    assert audit and all(a["verdict"] != "violated" for a in audit)
+    assert audit and all(a["verdict"] not in ("violated", "measured TV contradicts") for a in audit)
+    assert all("sequence_tv" in a for a in audit if a["method"] != "vanilla")
     cells = sorted((results / "decode").glob("**/seed0/stats.json"))
     assert len(cells) == 10
 

@@ -241,7 +241,10 @@ def decode(
                                drift=recorder)
     result = engine.decode(cond, gen, max_rows=max_batch, valid=valid)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
-                     "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1}
+                     "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1,
+                     "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}}
+    if tree == "dynamic":
+        result.stats |= {"tree_top_k": tree_top_k, "depth": depth}
     if isinstance(tree, StaticTree):
         result.stats["tree"] = f"static:{list(tree.paths)}"
     return result

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from cascade_sd.cli_continuous import continuous_app, decode_continuous_cmd
+from cascade_sd.cli_drift import bench_sequence_cmd, drift_cmd
 from cascade_sd.cli_grid import grid_app
 from cascade_sd.cli_models import import_app
 from cascade_sd.config import load_config, validate_config
@@ -302,6 +303,10 @@ def decode_cmd(
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
 
 
+app.command("drift")(drift_cmd)
+app.command("bench-sequence")(bench_sequence_cmd)
+
+
 @app.command("audit")
 def audit_cmd(
     run: str = typer.Argument(..., help="a results folder (searched for drift.npz) or an MLflow run id"),
@@ -335,7 +340,10 @@ def audit_cmd(
     typer.echo(table)
     summary = [{"run": a.name, "method": a.method, "params": a.params, "verdict": a.verdict,
                 "violations": a.violations, "inconclusive": a.inconclusive, **a.sequence,
-                "paper_bound": a.paper_bound, "paper_bound_violated_fraction": a.paper_violated_fraction}
+                "paper_bound": a.paper_bound, "paper_bound_violated_fraction": a.paper_violated_fraction,
+                **({} if a.measured is None else a.measured.as_dict()),
+                **({} if a.certified is None else a.certified.as_dict("certified_sequence_bound")),
+                "sequence_problems": a.sequence_problems}
                for a in audits]
     if run_id is None:
         atomic_write_text(folder / "audit.md", table + "\n")
@@ -358,6 +366,10 @@ def audit_cmd(
         client.log_metric(run_id, "audit_violations", sum(a.violations for a in audits))
     if any(a.verdict == "violated" for a in audits):
         typer.echo("error: a declared drift bound is violated", err=True)
+        raise typer.Exit(1)
+    contradicted = [a for a in audits if a.sequence_problems]
+    if contradicted:
+        typer.echo(f"error: {contradicted[0].name}: {contradicted[0].sequence_problems[0]}", err=True)
         raise typer.Exit(1)
 
 

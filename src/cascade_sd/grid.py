@@ -11,6 +11,7 @@ on a few rows and times vanilla and the method at batch 1 in the same process (s
 from __future__ import annotations
 
 import json
+import logging
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
     run_params = {"cell": cell, "rule_params": params, "sampling": sampling, "decode": dc}
     with child_run(config["results"], f"decode {cell_name(cell)} seed{seed}", params=run_params, seed=seed) as run:
         tokens, drift, drift_stats, rounds, accepted, histogram, effective = [], None, {}, 0, 0.0, None, {}
+        effective_tree_size = None
         for start in range(0, len(labels), dc["batch_size"]):
             batch = labels[start:start + dc["batch_size"]]
             record = method != "vanilla" and start == 0 and drift_rows > 0
@@ -173,7 +175,7 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
                 drift_stats = {k: v for k, v in res.stats.items() if k.startswith("drift_")}
             if method != "vanilla":
                 s = res.stats
-                effective = s["rule_params"]
+                effective, effective_tree_size = s["rule_params"], s["total_tokens"]
                 rounds += s["rounds"]
                 accepted += s["mean_accepted_length"] * s["rounds"]
                 hist = np.asarray(s["accept_histogram"], dtype=np.int64)
@@ -184,7 +186,9 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
         t_van, _ = time_images(bundle, "vanilla", {}, dc["timing_images"], seed=timing_seed, sampling=sampling)
         t_sd, _ = time_images(bundle, method, opts, dc["timing_images"], seed=timing_seed, sampling=sampling)
         stats: dict[str, Any] = {
-            **cell, "seed": seed, "rule_params": effective, "images": len(labels),
+            **cell, "seed": seed, "rule_params": effective, "images": len(labels), "sampling": sampling,
+            **({"tree_top_k": dc["tree_top_k"], "depth": dc["depth"], "total_tokens": effective_tree_size}
+               if cell["tree"] == "dynamic" else {}),
             "tau": accepted / rounds if rounds else 1.0, "rounds": rounds,
             "accept_histogram": [] if histogram is None else histogram.tolist(),
             "vanilla_seconds_per_image": t_van / dc["timing_images"],
@@ -192,6 +196,11 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
         }
         stats |= drift_stats
         out_dir.mkdir(parents=True, exist_ok=True)
+        if method != "vanilla":
+            stats |= _sequence_law(bundle, method, opts, sampling, labels, tokens_t, effective_tree_size,
+                                   _sequence_rows(dc, method, params, cell["tree"]), seed, out_dir)
+            if (out_dir / "sequence.npz").is_file():
+                run.artifact(out_dir / "sequence.npz")
         atomic_savez(out_dir / "tokens.npz", tokens=tokens_t.numpy().astype(np.int32), labels=labels.numpy())
         atomic_savez(out_dir / "images.npz", images=images.numpy(), labels=labels.numpy())
         show = min(dc["per_class"], 8)
@@ -205,6 +214,43 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
         run.artifact(out_dir / "grid.png")
         run.artifact(out_dir / "stats.json")
     return stats
+
+
+def _sequence_rows(dc: dict[str, Any], method: str, params: dict[str, Any], tree: str) -> int:
+    """Images per seed with exact log P_SD: fewer where every position probes each hypothetical child."""
+    probed = tree != "dynamic" and get_rule(method, **params).draw_dependent
+    return dc["probed_sequence_rows"] if probed else dc["sequence_rows"]
+
+
+def _sequence_law(bundle: Any, method: str, opts: dict[str, Any], sampling: dict[str, Any],
+                  labels: torch.Tensor, tokens: torch.Tensor, tree_size: Any, rows: int, seed: int, out_dir: Path
+                  ) -> dict[str, Any]:
+    """Exact log P_SD and log P of ``rows`` of the cell's images (spread over the classes) and of as many
+    target images of the same labels (``sequence.npz``; analysis/README.md "Sequence-level drift"):
+    what the evaluation turns into measured sequence TV (both ways) and KL."""
+    import time
+
+    from cascade_sd import api
+    from cascade_sd.io import atomic_savez
+
+    rows = min(rows, len(labels))
+    if rows <= 0:
+        return {}
+    pick = torch.arange(rows) * (len(labels) // rows)
+    chosen = labels[pick]
+    target = api.decode(bundle, chosen, method="vanilla", seed=seed * 100_003 + 99_991, **sampling).tokens.cpu()
+    shape = dict(opts) | ({"total_tokens": tree_size} if opts["tree"] == "dynamic" else {})
+    start = time.perf_counter()
+    on_sd = api.sequence_log_prob(bundle, chosen, tokens[pick], method=method, **sampling, **shape)
+    on_target = api.sequence_log_prob(bundle, chosen, target, method=method, **sampling, **shape)
+    seconds = time.perf_counter() - start
+    atomic_savez(out_dir / "sequence.npz", labels=chosen.numpy(), sampler_tokens=tokens[pick].numpy().astype(np.int32),
+                 sampler_log_sd=on_sd.log_sd.numpy(), sampler_log_target=on_sd.log_target.numpy(),
+                 target_tokens=target.numpy().astype(np.int32), target_log_sd=on_target.log_sd.numpy(),
+                 target_log_target=on_target.log_target.numpy(),
+                 exact=np.concatenate([on_sd.exact.numpy(), on_target.exact.numpy()]))
+    return {"sequence_rows": rows, "sequence_seconds_per_image": seconds / (2 * rows),
+            "sequence_exact": bool(on_sd.exact.all() and on_target.exact.all())}
 
 
 def decode_classes(config: dict[str, Any], num_classes: int) -> torch.Tensor:
@@ -256,6 +302,7 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
     """One cell over all its seeds: judge accuracy, in-domain FID and KID (bootstrap CIs over images;
     only with a judge, i.e. built-in models), τ and its histogram, speedup per seed, and drift (mean
     per node, declared bound, sequence bound Σ_t E[TV_t] with a CI over images)."""
+    from analysis import sequence_tv
     from analysis.estimators import sequence_bound
     from cascade_sd.io import atomic_write_json
     from cascade_sd.jobs import setup_runtime
@@ -300,8 +347,23 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
                        "drift_exact_fraction": float(np.concatenate([z["drift_exact"] for z in drift]).mean()),
                        "drift_rows": int(per_node.shape[0]),
                        "sequence_bound": seq.value, "sequence_bound_ci": [seq.lower, seq.upper]}
+            certified = None
+            if np.isfinite(bound).any():
+                certified = sequence_bound(np.nan_to_num(bound), n_boot=n_boot, seed=seed)
+                result |= {"certified_sequence_bound": certified.value,
+                           "certified_sequence_bound_ci": [certified.lower, certified.upper]}
+            arrays = sequence_tv.load([d / "sequence.npz" for d in seed_dirs])
+            if arrays is not None:
+                measured = sequence_tv.measure(arrays)
+                problems = sequence_tv.problems(measured, seq, certified)
+                for problem in problems:
+                    logging.getLogger("cascade_sd").error("grid cell %s: %s", cell_name(cell), problem)
+                result |= measured.as_dict() | {"sequence_problems": problems,
+                                                "sequence_seconds_per_image": float(np.mean(
+                                                    [s["sequence_seconds_per_image"] for s in stats
+                                                     if "sequence_seconds_per_image" in s]))}
         elif cell["method"] == "vanilla":
-            result |= {"drift_mean": 0.0, "sequence_bound": 0.0}
+            result |= {"drift_mean": 0.0, "sequence_bound": 0.0, "sequence_tv": 0.0, "sequence_kl": 0.0}
         atomic_write_json(out, result)
         run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.artifact(out)

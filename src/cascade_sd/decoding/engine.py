@@ -404,17 +404,14 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def round_at(self, cond: torch.Tensor, prefix: torch.Tensor, *, forced: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, lengths: torch.Tensor | None = None, probe: bool = False
-                 ) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
+                 generator: torch.Generator | None = None) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
         """The draft tree, target laws and rule view of the round that starts after ``prefix`` [B, m ≥ 1].
 
-        For analysis (exact laws): the same phases as ``decode``, with the committed prefix
-        teacher-forced. ``lengths`` [B] gives each row its own committed length m ≤ prefix length (the
-        tokens after it are written to the target's cache but masked, as in ``decode``). ``forced``
-        [B, T+1] fixes a static tree's drafted tokens instead of sampling them (−1 = the child was not
-        drawn). ``probe`` keeps the probe slots, so ``_probe`` can be called on the round afterwards.
+        For analysis (exact laws on toy bundles): the same phases as ``decode``, with the committed
+        prefix teacher-forced. ``forced`` [B, T+1] fixes a static tree's drafted tokens instead of
+        sampling them (−1 = the child was not drawn).
         """
-        streams = self._setup(cond, probe)
+        streams = self._setup(cond)
         b, m_len = prefix.shape
         prefix = prefix.to(self.device)
         out = self._prefill(streams)
@@ -425,10 +422,51 @@ class SpeculativeEngine:
                                    attn_mask=causal_mask(self.cls, m_len - 1, self.t_slots, self.device),
                                    return_hidden=True, return_layers=self.layers)
             feats = torch.cat([feats, self.drafter.target_features(out)], 1)
-        m = torch.full((b,), m_len, dtype=torch.long, device=self.device) if lengths is None else lengths.to(self.device)
-        self.live = b
+        m = torch.full((b,), m_len, dtype=torch.long, device=self.device)
         rnd = self._catch_up(feats, prefix, m, m)
-        tree = self._draft(rnd, prefix.gather(1, (m - 1)[:, None])[:, 0], m, generator, forced)
+        tree = self._draft(rnd, prefix[:, -1], m, generator, forced)
+        _, p, view, prepared = self._verify(tree, m, lazy_laws=False)
+        return tree, p, view, prepared
+
+    @torch.no_grad()
+    def rounds_along(self, cond: torch.Tensor, tokens: torch.Tensor, image: torch.Tensor, m: torch.Tensor, *,
+                     forced: torch.Tensor | None = None, probe: bool = False
+                     ) -> tuple[DraftTree, torch.Tensor, TreeView | None, object]:
+        """``round_at`` for many rounds along given sequences ``tokens`` [K, L] (conditions ``cond`` [K]): row
+        i is the round that starts after m[i] committed tokens of sequence image[i]. The target's
+        teacher-forced pass and the drafter's catch-up run once per sequence, and both caches copy each
+        sequence's row to its rounds' rows (committed entries do not depend on where rounds started:
+        decode computes them from the same real target features); row i then drafts and verifies as
+        decode does after m[i] tokens. ``forced`` [R, T+1] as in ``round_at``; ``probe`` keeps the
+        probe slots, so ``_probe`` can follow.
+        """
+        k, length = tokens.shape
+        r = m.numel()
+        m, image, tokens = m.to(self.device), image.to(self.device), tokens.to(self.device)
+        streams = self._setup(cond[image], probe)
+        self.live = r
+        first = self._rep_rows(self.iota[:k])  # the sequences' stream rows, before the copies
+        out = self._prefill(with_null_condition(self.target, cond.to(self.device), self.params), first)
+        feats = self.drafter.target_features(out)[:, -1:]
+        pos = self.cls + self.iota[: length - 1]
+        if length > 1:
+            out = self.target.step(self.target.embed_tokens(self._rep(tokens[:, :-1])), positions=pos, slots=pos,
+                                   attn_mask=causal_mask(self.cls, length - 1, self.t_slots, self.device),
+                                   return_hidden=True, return_layers=self.layers, rows=first)
+            feats = torch.cat([feats, self.drafter.target_features(out)], 1)
+        steps = self.iota[:length]
+        mask = (self.drafter_keys[None] <= steps[:, None]).expand(len(first), -1, -1)
+        logits, h = self._timed("drafter", self.drafter.step, feats, self._rep(tokens),
+                                positions=(self.cls + steps).clamp(max=self.max_pos), slots=steps, attn_mask=mask,
+                                rows=first)
+        source = self._rep_rows(image) if self.reps == 1 else torch.cat([image + i * k for i in range(self.reps)])
+        copies = first[source]
+        self.target.select_rows(copies)
+        self.drafter.select_rows(copies)
+        at = self._rep(m - 1)
+        root_logits = logits[source, at]
+        rnd = _Round(q_root=self._law(root_logits), h_root=h[source, at], logits_root=root_logits)
+        tree = self._draft(rnd, tokens[image, m - 1], m, None, forced)
         _, p, view, prepared = self._verify(tree, m, lazy_laws=False)
         return tree, p, view, prepared
 

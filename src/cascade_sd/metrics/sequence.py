@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from cascade_sd.acceptance.base import NodeContext
+from cascade_sd.acceptance.base import NodeContext, ProbeOutputs
 from cascade_sd.acceptance.law import point_mass_law, sequence_law
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.tree import StaticTree
@@ -81,24 +81,24 @@ def sequence_log_prob(engine: SpeculativeEngine, cond: torch.Tensor, tokens: tor
     tokens, cond = tokens.to(dev), cond.to(dev)
     first = engine._law(engine._prefill(engine._setup(cond)).logits[:, -1])
     log_first = first.gather(1, tokens[:, :1])[:, 0].log().cpu()
-    # One row per (image, round start m = 1..N−1).
-    image = torch.arange(b, device=dev).repeat_interleave(n - 1)
-    start = torch.arange(1, n, device=dev).repeat(b)
-    log_c = torch.full((b * (n - 1), engine.tree.depth + 2), -math.inf, dtype=torch.float64)
-    log_p = torch.zeros(b * (n - 1), dtype=torch.float64)
+    log_c = torch.full((b, n - 1, engine.tree.depth + 2), -math.inf, dtype=torch.float64)
+    log_p = torch.zeros(b, n - 1, dtype=torch.float64)
     exact = torch.ones(b, dtype=torch.bool)
-    for lo in range(0, len(image), rows_per_call):
-        sel = slice(lo, lo + rows_per_call)
-        c, lp, ok = _blocks(engine, cond[image[sel]], tokens[image[sel]], start[sel], mc_draws, generator)
-        log_c[sel], log_p[sel] = c.log(), lp
-        exact &= torch.ones(b, dtype=torch.bool).index_put((image[sel][~ok].cpu(),), torch.tensor(False))
-    log_c = log_c.view(b, n - 1, -1)
+    image = torch.arange(b).repeat_interleave(n - 1)  # one batch row per (image, round start m = 1..N−1)
+    start = torch.arange(1, n).repeat(b)
+    for lo in range(0, len(image), rows_per_call):  # several images' rounds per engine call
+        rows = slice(lo, lo + rows_per_call)
+        seqs = torch.unique(image[rows])
+        local = torch.searchsorted(seqs, image[rows])
+        c, lp, ok = _blocks(engine, cond[seqs.to(dev)], tokens[seqs.to(dev)], local, start[rows], mc_draws, generator)
+        log_c[image[rows], start[rows] - 1], log_p[image[rows], start[rows] - 1] = c.log(), lp
+        exact[image[rows][~ok]] = False
     alpha = torch.full((b, n + engine.tree.depth + 2), -math.inf, dtype=torch.float64)
     alpha[:, 1] = 0.0
     for m in range(1, n):  # α(m + ℓ) += α(m)·c_m(ℓ), in log space
         ell = torch.arange(1, log_c.shape[-1])
         alpha[:, m + ell] = torch.logaddexp(alpha[:, m + ell], alpha[:, m : m + 1] + log_c[:, m - 1, 1:])
-    return SequenceLogProb(log_sd=log_first + alpha[:, n], log_target=log_first + log_p.view(b, n - 1).sum(1),
+    return SequenceLogProb(log_sd=log_first + alpha[:, n], log_target=log_first + log_p.sum(1),
                            exact=exact)
 
 
@@ -111,16 +111,16 @@ def _forced(engine: SpeculativeEngine, tokens: torch.Tensor, m: torch.Tensor) ->
     return tokens.gather(1, at)
 
 
-def _blocks(engine: SpeculativeEngine, cond: torch.Tensor, tokens: torch.Tensor, m: torch.Tensor, mc_draws: int,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rounds starting after m [R] committed tokens of ``tokens`` [R, N]: c_m(ℓ) [R, depth + 2] (entry ℓ),
-    log p(x_m | x_<m) [R], and whether each row's c is exact [R]."""
-    rule, n = engine.rule, tokens.shape[1]
+def _blocks(engine: SpeculativeEngine, cond: torch.Tensor, tokens: torch.Tensor, image: torch.Tensor, m: torch.Tensor,
+            mc_draws: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rounds starting after m [R] committed tokens of sequences ``image`` [R] of ``tokens`` [K, N]:
+    c_m(ℓ) [R, depth + 2] (entry ℓ), log p(x_m | x_<m) [R], and whether each row's c is exact [R]."""
+    rule, n, rows = engine.rule, tokens.shape[1], m.numel()
     probing = rule.draw_dependent and isinstance(engine.tree, StaticTree)
-    tree, p, view, prepared = engine.round_at(cond, tokens, forced=_forced(engine, tokens, m), lengths=m,
-                                              probe=probing)
-    rows = tokens.shape[0]
-    x = tokens.cpu()
+    x = tokens.cpu()[image]
+    m = m.to(engine.device)
+    tree, p, view, prepared = engine.rounds_along(cond, tokens, image, m, forced=_forced(engine, x.to(engine.device), m),
+                                                  probe=probing)
     mc = m.cpu()
     c = torch.zeros(rows, engine.tree.depth + 2, dtype=torch.float64)
     exact = torch.ones(rows, dtype=torch.bool)
@@ -129,7 +129,7 @@ def _blocks(engine: SpeculativeEngine, cond: torch.Tensor, tokens: torch.Tensor,
     kid_tokens = tree.tokens.cpu()
     draws = None
     if probing:
-        draws = partial(DrawSignals, prepared=prepared, view=view, probe=partial(engine._probe, tree=tree, m=m))
+        draws = partial(DrawSignals, prepared=prepared, view=view, probe=_PositionProbe(engine, tree, image, m))
     frontier = [[(0, 1.0)] for _ in range(rows)]  # (node, reach) per row at the current depth
     for dv in range(engine.tree.depth + 1):
         # Layers: the k-th frontier node of every row, so the rule's extras are built for whole batches.
@@ -162,6 +162,35 @@ def _blocks(engine: SpeculativeEngine, cond: torch.Tensor, tokens: torch.Tensor,
                         nxt[r].append((kid, reach * a))
         frontier = nxt
     return c, log_p, exact
+
+
+class _PositionProbe:
+    """``engine._probe`` for the rounds of one sequence, cached per position: the target's outputs at a
+    hypothetical child of a node at depth d of round m read x_<m+d and the child alone, so every
+    round reaching that position shares them (each token is probed once per position). Drafter
+    outputs depend on the round's drafted path: those are probed per call."""
+
+    def __init__(self, engine: SpeculativeEngine, tree, image: torch.Tensor, m: torch.Tensor) -> None:
+        self.engine, self.tree, self.image, self.m = engine, tree, image, m
+        self.depth = tree.depth.cpu()
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+
+    def __call__(self, row: int, node: int, tokens: torch.Tensor, drafter: bool = True) -> ProbeOutputs:
+        probe = partial(self.engine._probe, row, node, tree=self.tree, m=self.m)
+        if drafter and self.engine.rule.reads_drafter:
+            return probe(tokens, drafter=True)
+        at = (int(self.image[row]), int(self.m[row]) + int(self.depth[row, node]))
+        vocab = self.engine.target.config.vocab_size
+        have, parts = self.cache.setdefault(at, (torch.zeros(vocab, dtype=torch.bool, device=tokens.device), [None] * 3))
+        missing = tokens[~have[tokens]].unique()
+        if missing.numel():
+            out = probe(missing, drafter=False)
+            for i, value in enumerate((out.target_logits, out.target_hidden, out.p)):
+                if parts[i] is None:
+                    parts[i] = value.new_zeros(vocab, *value.shape[1:])
+                parts[i][missing] = value
+            have[missing] = True
+        return ProbeOutputs(target_logits=parts[0][tokens], target_hidden=parts[1][tokens], p=parts[2][tokens])
 
 
 def _node_parts(rule, p: torch.Tensor, q: torch.Tensor, ctx: NodeContext, kid_tokens: torch.Tensor, y: int,
