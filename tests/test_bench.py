@@ -1,9 +1,14 @@
 """The speed benchmark (vanilla vs speculative variants in one process) on a toy bundle."""
 
-import pytest
+import json
 
+import pytest
+from typer.testing import CliRunner
+
+from analysis.sequence_tv import NUMERICAL_TOLERANCE
 from cascade_sd import api
 from cascade_sd.bench import format_table, run_bench
+from cascade_sd.cli import app
 from cascade_sd.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,3 +40,20 @@ def test_bench_rejects_bad_settings_before_compute():
         run_bench(bundle, drafters=("medusa",))
     with pytest.raises(ConfigError, match=r"^temperature=-1"):
         run_bench(bundle, sampling={"temperature": -1.0})
+
+
+def test_bench_sequence_prints_a_row_per_setting_as_measured(tmp_path):
+    """`bench-sequence`: the exact sequence law's cost against decoding the same images, with what it
+    measures; strict's log-ratios are 0, a relaxed rule's are not."""
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(app, ["bench-sequence", "--bundle", "toy:vocab=16,len=6,seed=0", "--rules", "strict,coolsd",
+                                   "--trees", "chain-2,dynamic", "--images", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert [(r["tree"], r["method"]) for r in rows] == [("chain-2", "strict"), ("chain-2", "coolsd"),
+                                                        ("dynamic", "strict"), ("dynamic", "coolsd")]
+    assert len(res.output.strip().splitlines()) == 2 + len(rows)  # header, rule, one line per row
+    for r in rows:
+        assert r["sequence_exact"] and r["cost_ratio"] > 0 and r["sequence_images"] == 3
+        exact_law = abs(r["sequence_kl"]) < NUMERICAL_TOLERANCE and r["sequence_tv"] < NUMERICAL_TOLERANCE  # float32 passes
+        assert exact_law == (r["method"] == "strict"), r

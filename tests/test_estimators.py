@@ -97,3 +97,19 @@ def test_one_image_gives_the_whole_range_and_bad_terms_are_errors():
     assert sampler_tv(np.array([3.0])).lower == 0.0 and sampler_tv(np.array([3.0])).upper == 1.0
     with pytest.raises(DataError, match="finite vector"):
         mean_ci(np.array([np.nan, 1.0]))
+
+
+def test_sequence_checks_flag_a_tv_above_a_bound_and_disagreeing_estimates():
+    from analysis.estimators import Estimate
+    from analysis.sequence_tv import measure, problems
+
+    r = np.full(8, 20.0)  # every image ~e^20 times likelier under the sampler: TV ≈ 1 both ways
+    near_one = measure({"sampler_log_sd": r, "sampler_log_target": np.zeros(8), "target_log_sd": -r,
+                        "target_log_target": np.zeros(8), "exact": np.ones(16, bool)})
+    assert near_one.agree and near_one.tv.value == pytest.approx(1.0)
+    assert problems(near_one, Estimate(2.0, 1.8, 2.2), None) == []
+    assert "exceeds the hybrid bound" in problems(near_one, Estimate(0.5, 0.4, 0.6), None)[0]
+    assert "exceeds the certified bound" in problems(near_one, None, Estimate(0.5, 0.4, 0.6))[0]
+    mixed = measure({"sampler_log_sd": r, "sampler_log_target": np.zeros(8), "target_log_sd": np.zeros(8),
+                     "target_log_target": np.zeros(8), "exact": np.ones(16, bool)})
+    assert not mixed.agree and "disagree" in problems(mixed, None, None)[0]

@@ -102,6 +102,10 @@ def _fake_cell(folder, seed: int, method: str, rng, tree: str = "tree-57", draft
     np.savez(folder / "drift.npz", drift=drift, drift_bound=np.full_like(drift, 0.2),
              drift_paper_bound=np.full_like(drift, 0.1 if method == "lantern" else np.nan),
              drift_exact=np.ones_like(drift, dtype=bool), drift_visited=np.ones_like(drift, dtype=bool))
+    if method != "strict":  # exact log-ratios of 2 sampler and 2 target images (a TV well under Σ_t E[TV_t] ≈ 0.45)
+        log_p = rng.normal(-100.0, 5.0, size=4)
+        np.savez(folder / "sequence.npz", sampler_log_target=log_p[:2], sampler_log_sd=log_p[:2] + rng.uniform(0, 0.3, 2),
+                 target_log_target=log_p[2:], target_log_sd=log_p[2:] - rng.uniform(0, 0.3, 2), exact=np.ones(4, bool))
 
 
 def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path):
@@ -127,6 +131,9 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
         result = grid_evaluate_job(cfg, None, None, dirs, out)
         assert result["images"] == 6 and result["tau"] == 2.5 and "fid_in_domain" not in result
         assert 0 < result["drift_mean"] < 0.1 and result["sequence_bound_ci"][0] <= result["sequence_bound"]
+        if method == "lantern":  # measured from the four images' log-ratios, both ways, checked against the bounds
+            assert result["sequence_images"] == 4 and 0 < result["sequence_tv"] < 0.26 and not result["sequence_problems"]
+            assert result["sequence_tv_agree"] and result["certified_sequence_bound"] == pytest.approx(1.8)
         evals.append(out)
         grids.append(dirs[0] / "grid.png")
     with pytest.raises(ConfigError, match="both --judge and --reference"):
@@ -135,6 +142,8 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
     table = (tmp_path / "figures/results_table.md").read_text()
     assert "| lantern | default | tree-57 | eagle | 2.50 | 2.00 (2.00–2.00) | – | – [–, –] | – [–, –] |" in table
     assert not (tmp_path / "figures/pareto.png").exists() and (tmp_path / "figures/strength.png").exists()
+    for name in ("measured_tv", "tv_vs_bound"):
+        assert (tmp_path / f"figures/{name}.png").exists() and "lantern" in (tmp_path / f"figures/{name}.csv").read_text()
     assert len(rows) == 2
 
 

@@ -121,3 +121,15 @@ def test_strict_sequence_law_is_the_targets_on_a_larger_toy():
 def test_bad_tokens_are_one_line_errors(bundle, tokens, match):
     with pytest.raises(ConfigError, match=match):
         api.sequence_log_prob(bundle, [1], tokens)
+
+
+def test_rounds_split_across_engine_calls_give_the_same_law(bundles):
+    """Round starts are rebuilt ``max_rows`` at a time, several sequences per call or one sequence over
+    several calls: the law does not depend on how they are cut."""
+    bundle, sampling = bundles["v3-len4"], TOYS["v3-len4"][1]
+    seqs = _every_sequence(bundle)[:20]
+    setting = {"method": "cascade", "tree": "chain-2", **sampling, **SETTINGS[-1][1]}
+    whole = api.sequence_log_prob(bundle, [1] * len(seqs), seqs, **setting)
+    cut = api.sequence_log_prob(bundle, [1] * len(seqs), seqs, max_rows=2, **setting)
+    assert torch.allclose(whole.log_sd, cut.log_sd, atol=1e-12, rtol=0)
+    assert torch.allclose(whole.log_target, cut.log_target, atol=1e-12, rtol=0)

@@ -271,27 +271,30 @@ def sequence_log_prob(
     tokens: Any,
     *,
     method: str = "strict",
-    tree: str | StaticTree = "chain-4",
+    tree: str | StaticTree = "tree-57",
     drafter: str = "eagle",
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    cfg_scale: float = 3.0,
+    cfg_scale: float = 1.0,
     tree_top_k: int = 10,
     depth: int = 5,
     total_tokens: int | str = 60,
     mc_draws: int = 256,
     seed: int = 0,
+    max_rows: int = 256,
     **rule_params: Any,
 ) -> SequenceLogProb:
     """Exact log-probability that the speculative sampler (``method`` with its tree, drafter and sampling
-    parameters, as ``decode`` takes them) emits each token sequence ``tokens`` [B, N], with the target's
-    own log P(x) under the same processing (``cascade_sd.metrics.sequence``; analysis/README.md).
+    parameters, as ``decode`` takes them, with its defaults) emits each token sequence ``tokens`` [B, N], with
+    the target's own log P(x) under the same processing (``cascade_sd.metrics.sequence``; analysis/README.md).
 
     Static trees with several sampled siblings are enumerated while small, else ``mc_draws`` sibling draws
-    are sampled (``result.exact`` is then False). Run the bundle in float64 for exact agreement.
+    are sampled (``result.exact`` is then False). ``max_rows`` caps the rounds rebuilt per engine call (each
+    holds a cache row per CFG stream: lower it for large models). Run the bundle in float64 for exact agreement.
     """
     check_int("mc_draws", mc_draws, 1)
+    check_int("max_rows", max_rows, 1)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     cond, valid = bundle.target.prepare_condition(labels)
     if valid is not None and not bool(valid.all()):
@@ -306,8 +309,8 @@ def sequence_log_prob(
     rule, shape, _ = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens, rule_params)
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
     check_sequence_supported(engine)
-    return _sequence_log_prob(engine, cond, tokens, mc_draws=mc_draws,
-                              generator=torch.Generator().manual_seed(seed))
+    return _sequence_log_prob(engine, cond, tokens, mc_draws=mc_draws, generator=torch.Generator().manual_seed(seed),
+                              rows_per_call=max_rows)
 
 
 def _vanilla_batches(target: GPT, cond: torch.Tensor, valid: torch.Tensor | None, params: SamplingParams,

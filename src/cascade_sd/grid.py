@@ -301,7 +301,8 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
                       seed_dirs: list[Path], out: Path) -> dict[str, Any]:
     """One cell over all its seeds: judge accuracy, in-domain FID and KID (bootstrap CIs over images;
     only with a judge, i.e. built-in models), τ and its histogram, speedup per seed, and drift (mean
-    per node, declared bound, sequence bound Σ_t E[TV_t] with a CI over images)."""
+    per node, declared bound, sequence bound Σ_t E[TV_t] with a CI over images), and the measured
+    sequence TV and KL where the cell computed exact log P_SD (``analysis.sequence_tv``)."""
     from analysis import sequence_tv
     from analysis.estimators import sequence_bound
     from cascade_sd.io import atomic_write_json
@@ -330,6 +331,7 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
         if judge_path is not None:
             result |= _quality(judge_path, reference, seed_dirs, n_boot, seed)
         drift = [np.load(d / "drift.npz") for d in seed_dirs if (d / "drift.npz").is_file()]
+        seq = certified = None
         if drift:
             per_node = np.concatenate([z["drift"] for z in drift])
             bound = np.concatenate([z["drift_bound"] for z in drift])
@@ -347,23 +349,22 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
                        "drift_exact_fraction": float(np.concatenate([z["drift_exact"] for z in drift]).mean()),
                        "drift_rows": int(per_node.shape[0]),
                        "sequence_bound": seq.value, "sequence_bound_ci": [seq.lower, seq.upper]}
-            certified = None
             if np.isfinite(bound).any():
                 certified = sequence_bound(np.nan_to_num(bound), n_boot=n_boot, seed=seed)
                 result |= {"certified_sequence_bound": certified.value,
                            "certified_sequence_bound_ci": [certified.lower, certified.upper]}
-            arrays = sequence_tv.load([d / "sequence.npz" for d in seed_dirs])
-            if arrays is not None:
-                measured = sequence_tv.measure(arrays)
-                problems = sequence_tv.problems(measured, seq, certified)
-                for problem in problems:
-                    logging.getLogger("cascade_sd").error("grid cell %s: %s", cell_name(cell), problem)
-                result |= measured.as_dict() | {"sequence_problems": problems,
-                                                "sequence_seconds_per_image": float(np.mean(
-                                                    [s["sequence_seconds_per_image"] for s in stats
-                                                     if "sequence_seconds_per_image" in s]))}
         elif cell["method"] == "vanilla":
             result |= {"drift_mean": 0.0, "sequence_bound": 0.0, "sequence_tv": 0.0, "sequence_kl": 0.0}
+        arrays = sequence_tv.load([d / "sequence.npz" for d in seed_dirs])
+        if arrays is not None:
+            measured = sequence_tv.measure(arrays)
+            problems = sequence_tv.problems(measured, seq, certified)
+            for problem in problems:
+                logging.getLogger("cascade_sd").error("grid cell %s: %s", cell_name(cell), problem)
+            result |= measured.as_dict() | {"sequence_problems": problems}
+            seconds = [s["sequence_seconds_per_image"] for s in stats if "sequence_seconds_per_image" in s]
+            if seconds:
+                result["sequence_seconds_per_image"] = float(np.mean(seconds))
         atomic_write_json(out, result)
         run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.artifact(out)

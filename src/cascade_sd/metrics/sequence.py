@@ -14,8 +14,8 @@ reach(child) = reach(v) · (the probability that v accepts that child). A node's
 those accept parts and the bonus part; it is the drift recorder's node law (the rule's own
 methods, every draw with the signals it would carry), so no rule has a second formula here.
 
-Each round is rebuilt by the engine's own phases with x_<m teacher-forced (``round_at``, one batch
-row per round start): a dynamic tree is a function of x_<m; a static tree is drafted with every
+Each round is rebuilt by the engine's own phases with x_<m teacher-forced (``rounds_along``: one
+target pass per sequence, one batch row per round start): a dynamic tree is a function of x_<m; a static tree is drafted with every
 node at depth d forced to x_{m+d−1}, the only token through which a path can spell x (each node's
 drafter law is then its path's). Exact for chains and dynamic trees with every rule, and for
 static trees with several sampled siblings while their draws can be enumerated; beyond that the
@@ -165,10 +165,10 @@ def _blocks(engine: SpeculativeEngine, cond: torch.Tensor, tokens: torch.Tensor,
 
 
 class _PositionProbe:
-    """``engine._probe`` for the rounds of one sequence, cached per position: the target's outputs at a
-    hypothetical child of a node at depth d of round m read x_<m+d and the child alone, so every
-    round reaching that position shares them (each token is probed once per position). Drafter
-    outputs depend on the round's drafted path: those are probed per call."""
+    """``engine._probe`` for rounds along given sequences, cached per (sequence, position): the target's
+    outputs at a hypothetical child of a node at depth d of round m read x_<m+d and the child alone,
+    so every round reaching that position shares them (each token is probed once per position).
+    Drafter outputs depend on the round's drafted path: those are probed per call."""
 
     def __init__(self, engine: SpeculativeEngine, tree, image: torch.Tensor, m: torch.Tensor) -> None:
         self.engine, self.tree, self.image, self.m = engine, tree, image, m
