@@ -15,8 +15,10 @@
   from the exact log-ratio r(x) = log P_SD(x) − log P(x) of each image
   (``cascade_sd.metrics.sequence``): TV = E_{x∼P_SD}[(1 − e^{−r})₊] from the sampler's images,
   TV = E_{x∼P}[(1 − e^{r})₊] from the target's, KL(P_SD ‖ P) = E_{x∼P_SD}[r]. Every TV term lies in
-  [0, 1]; the intervals are Student-t over images (CLT), and ``tv_estimates_agree`` checks the
-  two TV estimates against each other.
+  [0, 1], so its interval is the Wilson score interval at the largest variance a [0, 1] term with
+  that mean can have, μ(1 − μ): it cannot collapse when a few images happen to agree (a Student-t
+  interval over 2 images of equal terms has width 0). KL's terms are unbounded: Student-t.
+  ``tv_estimates_agree`` checks the two TV estimates against each other.
 """
 
 from __future__ import annotations
@@ -121,32 +123,42 @@ def classifier_tv(features_a: np.ndarray, features_b: np.ndarray, *, holdout: fl
     return Estimate(value, float(lo), float(hi))
 
 
-#: The two sequence-TV estimates are never asked to agree more finely than this: with near-zero
-#: spread over a few images a Student-t interval collapses to a point.
-TV_RESOLUTION = 0.005
+def mean_ci(terms: np.ndarray, *, alpha: float = 0.05) -> Estimate:
+    """Mean of per-image ``terms`` with a Student-t (1 − alpha) interval; one image gives (−∞, ∞)."""
+    terms = _terms(terms)
+    value = float(terms.mean())
+    if len(terms) == 1:
+        return Estimate(value, -np.inf, np.inf)
+    half = float(stats.t.ppf(1 - alpha / 2, len(terms) - 1) * terms.std(ddof=1) / np.sqrt(len(terms)))
+    return Estimate(value, value - half, value + half)
 
 
-def mean_ci(terms: np.ndarray, *, alpha: float = 0.05, lo: float = -np.inf, hi: float = np.inf) -> Estimate:
-    """Mean of per-image ``terms`` with a Student-t (1 − alpha) interval, clipped to [lo, hi]; one image
-    gives the whole range [lo, hi]."""
+def bounded_mean_ci(terms: np.ndarray, *, alpha: float = 0.05) -> Estimate:
+    """Mean of per-image ``terms`` in [0, 1] with the Wilson score (1 − alpha) interval at variance μ(1 − μ),
+    the largest a [0, 1] term with mean μ can have: valid whatever the spread the images happen to show."""
+    terms = _terms(terms)
+    n, mu = len(terms), float(np.clip(terms.mean(), 0.0, 1.0))
+    z2 = float(stats.norm.ppf(1 - alpha / 2)) ** 2
+    centre = (mu + z2 / (2 * n)) / (1 + z2 / n)
+    half = float(np.sqrt(z2 * (mu * (1 - mu) / n + z2 / (4 * n * n)))) / (1 + z2 / n)
+    return Estimate(float(terms.mean()), max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _terms(terms: np.ndarray) -> np.ndarray:
     terms = np.asarray(terms, dtype=np.float64)
     if terms.ndim != 1 or len(terms) < 1 or not np.isfinite(terms).all():
         raise DataError(f"per-image terms must be a finite vector with at least one entry, got shape {terms.shape}")
-    value = float(terms.mean())
-    if len(terms) == 1:
-        return Estimate(value, lo, hi)
-    half = float(stats.t.ppf(1 - alpha / 2, len(terms) - 1) * terms.std(ddof=1) / np.sqrt(len(terms)))
-    return Estimate(value, max(lo, value - half), min(hi, value + half))
+    return terms
 
 
 def sampler_tv(log_ratio: np.ndarray, *, alpha: float = 0.05) -> Estimate:
     """TV(P_SD, P) = E_{x∼P_SD}[(1 − P(x)/P_SD(x))₊] from r = log P_SD − log P on the sampler's images."""
-    return mean_ci(-np.expm1(-np.maximum(np.asarray(log_ratio, dtype=np.float64), 0.0)), alpha=alpha, lo=0.0, hi=1.0)
+    return bounded_mean_ci(-np.expm1(-np.maximum(np.asarray(log_ratio, dtype=np.float64), 0.0)), alpha=alpha)
 
 
 def target_tv(log_ratio: np.ndarray, *, alpha: float = 0.05) -> Estimate:
     """TV(P_SD, P) = E_{x∼P}[(1 − P_SD(x)/P(x))₊] from r = log P_SD − log P on the target's images."""
-    return mean_ci(-np.expm1(np.minimum(np.asarray(log_ratio, dtype=np.float64), 0.0)), alpha=alpha, lo=0.0, hi=1.0)
+    return bounded_mean_ci(-np.expm1(np.minimum(np.asarray(log_ratio, dtype=np.float64), 0.0)), alpha=alpha)
 
 
 def sequence_kl(log_ratio: np.ndarray, *, alpha: float = 0.05) -> Estimate:
@@ -155,7 +167,5 @@ def sequence_kl(log_ratio: np.ndarray, *, alpha: float = 0.05) -> Estimate:
 
 
 def tv_estimates_agree(a: Estimate, b: Estimate) -> bool:
-    """Whether two estimates of one TV agree: their intervals, each at least ±``TV_RESOLUTION``, overlap."""
-    widened = lambda e: (min(e.lower, e.value - TV_RESOLUTION), max(e.upper, e.value + TV_RESOLUTION))  # noqa: E731
-    (a_lo, a_hi), (b_lo, b_hi) = widened(a), widened(b)
-    return a_lo <= b_hi and b_lo <= a_hi
+    """Whether two estimates of one TV agree: their intervals overlap."""
+    return bool(a.lower <= b.upper and b.lower <= a.upper)
