@@ -298,7 +298,7 @@ def reference_features_job(config: dict[str, Any], judge_path: Path, out: Path) 
 
 
 def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference: Path | None,
-                      seed_dirs: list[Path], out: Path) -> dict[str, Any]:
+                      seed_dirs: list[Path], out: Path, vanilla_dirs: list[Path] | None = None) -> dict[str, Any]:
     """One cell over all its seeds: judge accuracy, in-domain FID and KID (bootstrap CIs over images;
     only with a judge, i.e. built-in models), τ and its histogram, speedup per seed, and drift (mean
     per node, declared bound, sequence bound Σ_t E[TV_t] with a CI over images), and the measured
@@ -329,7 +329,8 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
             "accept_histogram": reduce(_add_hist, [np.asarray(h) for h in hist]).tolist() if hist else [],
         }
         if judge_path is not None:
-            result |= _quality(judge_path, reference, seed_dirs, n_boot, seed)
+            result |= _quality(judge_path, reference, seed_dirs, n_boot, seed,
+                               None if cell["method"] == "vanilla" else vanilla_dirs)
         drift = [np.load(d / "drift.npz") for d in seed_dirs if (d / "drift.npz").is_file()]
         seq = certified = None
         if drift:
@@ -382,11 +383,15 @@ def grid_evaluate_all_job(config: dict[str, Any], judge_path: Path | None, refer
     if missing:
         raise ConfigError(f"grid evaluate: no decoded cell (stats.json) in {missing[0]} and {len(missing) - 1} more; "
                           "run `cascade-sd grid decode` for every cell of decode.groups first")
-    return [grid_evaluate_job(config, judge_path, reference, dirs, out_dir / f"{rel}.json") for rel, dirs in seed_dirs.items()]
+    vanilla = next((dirs for rel, dirs in seed_dirs.items() if "method~vanilla" in rel), None)
+    return [grid_evaluate_job(config, judge_path, reference, dirs, out_dir / f"{rel}.json", vanilla)
+            for rel, dirs in seed_dirs.items()]
 
 
-def _quality(judge_path: Path, reference: Path, seed_dirs: list[Path], n_boot: int, seed: int) -> dict[str, Any]:
-    """Judge accuracy, in-domain FID (raw and debiased) and KID of a cell's images, with bootstrap CIs."""
+def _quality(judge_path: Path, reference: Path, seed_dirs: list[Path], n_boot: int, seed: int,
+             vanilla_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """Judge accuracy, in-domain FID (raw and debiased) and KID of a cell's images, with bootstrap CIs; with
+    the vanilla cell's folders, the classifier lower bound on TV to the target's images (``classifier_tv``)."""
     from cascade_sd.metrics.quality import bootstrap_ci, fid_bootstrap_ci, judge_correct, judge_features, kid_bootstrap_ci
     from cascade_sd.models.judge import load_judge
 
@@ -399,7 +404,14 @@ def _quality(judge_path: Path, reference: Path, seed_dirs: list[Path], n_boot: i
     acc = bootstrap_ci(judge_correct(judge, fake, labels).double().numpy(), n_boot=n_boot, seed=seed)
     fid = fid_bootstrap_ci(ref["features"], feats, n_boot=n_boot, seed=seed)
     kid = kid_bootstrap_ci(ref["kid_features"], feats, n_boot=n_boot, seed=seed)
-    return {"judge_accuracy": acc[0], "judge_accuracy_ci": list(acc[1:]),
+    extra = {}
+    if vanilla_dirs:
+        from analysis.estimators import classifier_tv
+
+        vanilla = torch.from_numpy(np.concatenate([np.load(d / "images.npz")["images"] for d in vanilla_dirs]))
+        lower = classifier_tv(feats, judge_features(judge, vanilla), n_boot=n_boot, seed=seed)
+        extra = {"classifier_tv": lower.value, "classifier_tv_ci": [lower.lower, lower.upper]}
+    return {**extra, "judge_accuracy": acc[0], "judge_accuracy_ci": list(acc[1:]),
             "fid_in_domain": fid["fid"], "fid_in_domain_corrected": fid["fid_corrected"],
             "fid_in_domain_ci": [fid["lower"], fid["upper"]],
             "kid_in_domain": kid[0], "kid_in_domain_ci": list(kid[1:]),
