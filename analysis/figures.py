@@ -229,10 +229,11 @@ def measured_tv(rows: list[dict[str, Any]], out: Path) -> None:
     speedup bars: the seed range), one series per rule and tree: who is fastest at equal measured TV."""
     data = [r for r in rows if r["method"] != "vanilla" and r.get("measured_tv_lower") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = {tree: m for tree, m in zip(sorted({r["tree"] for r in data}), "osD^v<>")}
-    for (method, tree), group in _groups(data):
+    markers = {key: m for key, m in zip(sorted({(r["tree"], r["drafter"]) for r in data}), "osD^v<>ph")}
+    for (method, tree, drafter), group in _groups(data):
         pts = sorted(group, key=lambda r: r["measured_tv"])
-        style = dict(color=_colour(method), marker=markers[tree], capsize=2, alpha=0.85, label=f"{method} [{tree}]")
+        style = dict(color=_colour(method), marker=markers[tree, drafter], linestyle="none", capsize=2, alpha=0.85,
+                     label=f"{method} [{tree}, {drafter}]")
         axes[0].errorbar([r["measured_tv"] for r in pts], [r["tau"] for r in pts],
                          xerr=np.hstack([_tv_err(r) for r in pts]), **style)
         axes[1].errorbar([r["measured_tv"] for r in pts], [r["speedup"] for r in pts],
@@ -255,9 +256,11 @@ def measured_tv(rows: list[dict[str, Any]], out: Path) -> None:
                                               "measured_tv_target", "measured_kl", "measured_images"])
 
 
-def _groups(data: list[dict[str, Any]]) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
-    keys = sorted({(r["method"], r["tree"]) for r in data}, key=lambda k: (list(RULES).index(k[0]), k[1]))
-    return [(k, [r for r in data if (r["method"], r["tree"]) == k]) for k in keys]
+def _groups(data: list[dict[str, Any]]) -> list[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
+    """Cells by (rule, tree, drafter), rules in registry order."""
+    key = lambda r: (r["method"], r["tree"], r["drafter"])  # noqa: E731
+    keys = sorted({key(r) for r in data}, key=lambda k: (list(RULES).index(k[0]), k[1], k[2]))
+    return [(k, [r for r in data if key(r) == k]) for k in keys]
 
 
 def tv_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
@@ -284,6 +287,8 @@ def tv_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, [_label(r) for r in data], rotation=75, ha="right", fontsize=7)
     ax.set_yscale("symlog", linthresh=1e-3)
+    tops = [r.get(k) for r in data for k in ("sequence_upper", "certified_upper", "measured_tv_upper")]
+    ax.set_ylim(0.0, 1.5 * max([t for t in tops if t is not None], default=1.0))  # nothing clipped, no negative half
     ax.set_ylabel("sequence-level total variation (bounds above 1 are vacuous)")
     if data:
         ax.legend(fontsize=7)
