@@ -459,7 +459,7 @@ class SpeculativeEngine:
         logits, h = self._timed("drafter", self.drafter.step, feats, self._rep(tokens),
                                 positions=(self.cls + steps).clamp(max=self.max_pos), slots=steps, attn_mask=mask,
                                 rows=first)
-        source = self._rep_rows(image) if self.reps == 1 else torch.cat([image + i * k for i in range(self.reps)])
+        source = torch.cat([image + i * k for i in range(self.reps)])  # each row's sequence, per stream
         copies = first[source]
         self.target.select_rows(copies)
         self.drafter.select_rows(copies)
