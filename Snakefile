@@ -18,6 +18,20 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/tracking.smk"
 
 
+# The MLflow parent and stage runs (created by `mlflow_init`) follow the workflow: reopened when a
+# later call resumes it, FINISHED or FAILED when it ends (a SIGKILL alone leaves them RUNNING).
+onstart:
+    shell(f"cascade-sd track reopen -c {CFG}")
+
+
+onsuccess:
+    shell(f"cascade-sd track finish -c {CFG} --status FINISHED")
+
+
+onerror:
+    shell(f"cascade-sd track finish -c {CFG} --status FAILED")
+
+
 # Built-in models are trained here from the built-in data; real checkpoints are imported instead
 # (config/gpu.yaml), and then there is no in-domain judge: the grid reports speed and drift.
 if BUILTIN:

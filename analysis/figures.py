@@ -25,7 +25,7 @@ from cascade_sd.acceptance import RULES  # noqa: E402
 from cascade_sd.io import atomic_write_text  # noqa: E402
 from cascade_sd.metrics.drift import paper_bound_cell  # noqa: E402
 
-TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "speedup", "speedup_min", "speedup_max",
+TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "tau_min", "tau_max", "speedup", "speedup_min", "speedup_max",
                  "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
                  "judge_upper", "drift_mean", "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
                  "sequence_bound", "sequence_lower", "sequence_upper", "certified_bound", "certified_lower",
@@ -46,7 +46,8 @@ def table_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ci = lambda key: e.get(key) or [None, None]  # noqa: E731
         rows.append({
             "method": e["method"], "setting": e["setting"], "tree": e["tree"], "drafter": e["drafter"],
-            "tau": e["tau"], "speedup": e["speedup"], "speedup_min": e["speedup_range"][0],
+            "tau": e["tau"], "tau_min": e["tau_range"][0], "tau_max": e["tau_range"][1],
+            "speedup": e["speedup"], "speedup_min": e["speedup_range"][0],
             "speedup_max": e["speedup_range"][1], "fid_in_domain": e.get("fid_in_domain"),
             "fid_corrected": e.get("fid_in_domain_corrected"),
             "fid_lower": ci("fid_in_domain_ci")[0], "fid_upper": ci("fid_in_domain_ci")[1],
@@ -166,29 +167,50 @@ def strength_value(method: str, params: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _series_colour(i: int) -> Any:
+    """A distinct colour for the i-th series of a figure (tab10, then tab20's lighter half)."""
+    return plt.get_cmap("tab10")(i) if i < 10 else plt.get_cmap("tab20")((2 * (i - 10) + 1) % 20)
+
+
+def _range_err(pts: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """Error bars spanning each point's seed range (``key_min`` .. ``key_max``)."""
+    return [[p[key] - p[f"{key}_min"] for p in pts], [p[f"{key}_max"] - p[key] for p in pts]]
+
+
 def strength(rows: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path) -> None:
-    """τ and speedup vs each rule's strength parameter (one panel pair per rule with a sweep)."""
+    """τ and speedup vs each rule's strength parameter (one panel pair per rule with a sweep); error bars span
+    the seeds, τ's axis starts at 1 (no drafted token accepted) and speedup's at 0 with vanilla marked, so
+    seed noise does not read as a trend."""
     data = []
     for r, e in zip(rows, evals):
         s = strength_value(r["method"], e.get("rule_params", {}))
         if s is not None:
             data.append({**r, "strength_param": RULES[r["method"]].strength, "strength": s})
     methods = sorted({d["method"] for d in data}, key=list(RULES).index)
-    fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 5.5), squeeze=False)
+    fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 5.8), squeeze=False)
+    tau_top = max([d["tau_max"] for d in data], default=2.0) * 1.08
+    speed_top = max([d["speedup_max"] for d in data] + [1.0]) * 1.12
     for j, method in enumerate(methods):
-        for group in sorted({(d["tree"], d["drafter"]) for d in data if d["method"] == method}):
+        groups = sorted({(d["tree"], d["drafter"]) for d in data if d["method"] == method})
+        for i, group in enumerate(groups):
             pts = sorted((d for d in data if d["method"] == method and (d["tree"], d["drafter"]) == group),
                          key=lambda d: d["strength"])
             xs = [d["strength"] for d in pts]
-            axes[0, j].plot(xs, [d["tau"] for d in pts], "o-", label=f"{group[0]}, {group[1]}")
-            axes[1, j].plot(xs, [d["speedup"] for d in pts], "o-")
+            style = dict(fmt="o-" if len(pts) > 1 else "o", color=_series_colour(i), capsize=3)
+            axes[0, j].errorbar(xs, [d["tau"] for d in pts], yerr=_range_err(pts, "tau"),
+                                label=f"{group[0]}, {group[1]}", **style)
+            axes[1, j].errorbar(xs, [d["speedup"] for d in pts], yerr=_range_err(pts, "speedup"), **style)
         axes[0, j].set_title(method)
+        axes[0, j].set_ylim(1.0, tau_top)
+        axes[1, j].set_ylim(0.0, speed_top)
+        axes[1, j].axhline(1.0, color="grey", lw=0.8, ls="--")
         axes[1, j].set_xlabel(RULES[method].strength + ("" if RULES[method].strength_increases else " (lower relaxes more)"))
-        axes[0, j].legend(fontsize=6)
-    axes[0, 0].set_ylabel("τ (mean accepted length)")
-    axes[1, 0].set_ylabel("speedup vs vanilla")
+        axes[0, j].legend(fontsize=6, loc="lower right")
+    axes[0, 0].set_ylabel("τ (mean accepted length)\nbars: range over seeds")
+    axes[1, 0].set_ylabel("speedup vs vanilla (dashed)\nbars: range over seeds")
     _save(fig, out / "strength.png")
-    write_csv(out / "strength.csv", data, ["method", "tree", "drafter", "strength_param", "strength", "tau", "speedup"])
+    write_csv(out / "strength.csv", data, ["method", "tree", "drafter", "strength_param", "strength", "tau", "tau_min",
+                                           "tau_max", "speedup", "speedup_min", "speedup_max"])
 
 
 def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
@@ -210,10 +232,14 @@ def drift_vs_bound(rows: list[dict[str, Any]], out: Path) -> None:
     for i, r in enumerate(data):
         if r["drift_bound_mean"] is None:
             ax.text(x[i] + 0.2, 0.0, "none", rotation=90, ha="center", va="bottom", fontsize=7)
+    for i, r in enumerate(data):
+        if r["drift_mean"] < 1e-9:  # float round-off of an exact rule: say so rather than leave a gap
+            ax.text(x[i] - 0.2, 0.0, f"{r['drift_mean']:.0e}", rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [_label(r) for r in data], rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("total variation per node")
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.legend()
+    ax.set_ylim(0.0, 1.0)  # TV ≤ 1: room above every bar, marker and label
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, fontsize=8, frameon=False)
     _save(fig, out / "drift_vs_bound.png")
     write_csv(out / "drift_vs_bound.csv", data, ["method", "setting", "tree", "drafter", "drift_mean",
                                                  "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
@@ -311,11 +337,13 @@ def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:
     for i, e in enumerate(data):
         h = np.asarray(e["accept_histogram"], dtype=np.float64)
         share = h / h.sum()
-        ax.bar(np.arange(len(h)) + i * width, share, width, label=e["name"], color=_colour(e["method"]))
+        ax.bar(np.arange(len(h)) + i * width, share, width, label=e["name"], color=_series_colour(i))
         rows += [{"cell": e["name"], "accepted": k, "rounds": int(h[k]), "share": share[k]} for k in range(len(h))]
+    kmax = max((len(e["accept_histogram"]) for e in data), default=0)
+    ax.set_xticks(np.arange(kmax) + 0.4 - width / 2, [str(k) for k in range(kmax)])  # under each group's centre
     ax.set_xlabel("drafted tokens accepted in a round")
     ax.set_ylabel("share of rounds")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, out / "accept_hist.png")
     write_csv(out / "accept_hist.csv", rows, ["cell", "accepted", "rounds", "share"])
 
@@ -323,13 +351,15 @@ def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:
 def samples(evals: list[dict[str, Any]], grids: list[Path], out: Path) -> None:
     """Each cell's sample grid at its defaults in one figure (rows of classes, as decoded)."""
     pairs = [(e, g) for e, g in zip(evals, grids) if e["setting"] == "default"]
-    cols = min(4, max(len(pairs), 1))
+    cols = min(6, max(len(pairs), 1))
     nrows = (len(pairs) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.6 * nrows), squeeze=False)
+    images = [plt.imread(g) for _, g in pairs]
+    aspect = images[0].shape[1] / images[0].shape[0] if images else 1.0  # panels as wide as the grids are
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(2.2, 3.6 * aspect) * cols, 3.9 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (e, g) in zip(axes.flat, pairs):
-        ax.imshow(plt.imread(g), cmap="gray")
+    for ax, (e, _), image in zip(axes.flat, pairs, images):
+        ax.imshow(image, cmap="gray")
         ax.set_title(e["name"], fontsize=7)
     _save(fig, out / "samples.png")
     write_csv(out / "samples.csv", [{"cell": e["name"], "grid": str(g)} for e, g in pairs], ["cell", "grid"])

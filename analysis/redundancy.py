@@ -75,7 +75,7 @@ def heatmaps(rounds: list[dict[str, Any]], out: Path, *, tau_b: float, tau_d: fl
                              "mean_similarity": float(r["breadth"][on].mean()), "share_above_tau_b": share[i, lev - 1]})
     show = max(rounds, key=lambda r: r["comparable"].sum())
     order = np.argsort(show["level"][1:], kind="stable") + 1
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"wspace": 0.35})  # room for the colorbar + label
     im = axes[0].imshow(show["breadth"][np.ix_(order, order)], cmap="viridis", vmin=-1, vmax=1)
     for edge in np.nonzero(np.diff(show["level"][order]))[0]:
         axes[0].axhline(edge + 0.5, color="w", lw=0.6)

@@ -32,6 +32,25 @@ def test_bench_rows_follow_the_cost_model_and_count_every_image():
     assert table.count("\n") == len(rows) + 1 and "| 3 | 6 | strict | eagle | dynamic |" in table
 
 
+def test_bench_prints_each_row_as_it_is_measured(tmp_path):
+    """`cascade-sd bench`: the header, then one line per setting as it is measured (a batch's vanilla row
+    after its speculative rows, when its median is known), all rows in --out; no progress line off a TTY."""
+    bundle = api.load_bundle("toy:vocab=7,len=12,seed=0")
+    streamed: list[tuple[int, str]] = []
+    rows = run_bench(bundle, batch_sizes=(1, 2), trees=("chain-2",), drafters=("eagle",), repeats=1,
+                     on_row=lambda r: streamed.append((r["batch"], r["method"])))
+    assert streamed == [(1, "strict"), (1, "vanilla"), (2, "strict"), (2, "vanilla")]
+    assert sorted(streamed) == sorted((r["batch"], r["method"]) for r in rows)
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(app, ["bench", "--bundle", "toy:vocab=7,len=12,seed=0", "--batch-sizes", "1,2",
+                                   "--trees", "chain-2,chain-3", "--drafters", "eagle", "--repeats", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0].startswith("| batch |") and len(lines) == 2 + 6 and "\r" not in res.output
+    assert [line.split("|")[3].strip() for line in lines[2:]] == ["strict", "strict", "vanilla"] * 2
+    assert len(json.loads(out.read_text())) == 6
+
+
 def test_bench_rejects_bad_settings_before_compute():
     bundle = api.load_bundle("toy:vocab=7,len=12,seed=0")
     with pytest.raises(ConfigError, match=r"^waves=0 is out of range"):

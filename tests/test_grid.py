@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import linalg
@@ -96,7 +98,8 @@ def _fake_cell(folder, seed: int, method: str, rng, tree: str = "tree-57", draft
     hist = rng.integers(1, 50, size=5).tolist()
     stats = {"tree": tree, "drafter": drafter, "method": method, "setting": "default", "seed": seed,
              "rule_params": {"delta": 0.1} if method == "lantern" else {}, "images": 3, "tau": 2.5, "rounds": 40,
-             "accept_histogram": hist, "vanilla_seconds_per_image": 1.0, "seconds_per_image": 0.5, "speedup": 2.0}
+             "accept_histogram": hist, "vanilla_seconds_per_image": 1.0, "seconds_per_image": 0.5, "speedup": 2.0,
+             "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 3.0}}
     (folder / "stats.json").write_text(json.dumps(stats))
     drift = rng.uniform(0, 0.1, size=(3, 9))
     np.savez(folder / "drift.npz", drift=drift, drift_bound=np.full_like(drift, 0.2),
@@ -138,6 +141,7 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
         grids.append(dirs[0] / "grid.png")
     with pytest.raises(ConfigError, match="both --judge and --reference"):
         grid_evaluate_job(cfg, tmp_path / "judge.pt", None, [tmp_path / "strict/seed0"], tmp_path / "x.json")
+    _assert_rule_params_filterable(cfg["results"])
     rows = make_all(evals, grids, tmp_path / "figures")
     table = (tmp_path / "figures/results_table.md").read_text()
     assert "| lantern | default | tree-57 | eagle | 2.50 | 2.00 (2.00–2.00) | – | – [–, –] | – [–, –] |" in table
@@ -145,6 +149,27 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
     for name in ("measured_tv", "tv_vs_bound"):
         assert (tmp_path / f"figures/{name}.png").exists() and "lantern" in (tmp_path / f"figures/{name}.csv").read_text()
     assert len(rows) == 2
+
+
+def _assert_rule_params_filterable(results) -> None:
+    """Every rule parameter (paper defaults filled in) and sampling parameter is an MLflow param of the cell's
+    evaluate run, which nests under the "grid" stage run: a filter by a rule parameter finds it."""
+    import json
+
+    import mlflow
+
+    from cascade_sd.acceptance import get_rule
+
+    info = json.loads((Path(results) / "mlflow/parent.json").read_text())
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    delta = get_rule("lantern").params["delta"]
+    found = mlflow.search_runs([info["experiment_id"]], filter_string=f"params.`rule.delta` = '{delta}'",
+                               output_format="list")
+    assert [r.info.run_name for r in found] == ["evaluate lantern [tree-57, eagle]"]
+    run = found[0]
+    assert run.data.tags["mlflow.parentRunId"] == info["stage_run_ids"]["grid"]
+    assert {f"rule.{k}" for k in get_rule("lantern").params} <= set(run.data.params)
+    assert run.data.params["sampling.cfg_scale"] == "3.0" and run.data.params["cell.method"] == "lantern"
 
 
 def test_every_cell_is_evaluated_in_one_call_and_a_missing_cell_fails_first(tmp_path):

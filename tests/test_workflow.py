@@ -123,6 +123,7 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     assert len(cells) == 10
 
     info, runs = _runs(results)
+    _assert_runs_close_and_nest_by_stage(info, runs)
     jobs = {r.data.tags.get("cascade_sd.job") for r in runs if r.info.run_id != info["parent_run_id"]}
     assert {"data", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla_seed0",
             "train_drafter_eagle_rw2", "grid_reference", "audit", "figures", "redundancy_heatmaps"} <= jobs
@@ -155,6 +156,35 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
 
     _kill_and_rerun_decode(results, lantern, first["tau"], tmp_path / "killed.log")
     _continuous_batching_hands_over_drafter_features(results / "models")
+
+
+STAGE_OF = {"data": "models", "train_": "models", "tokenize": "models", "distill": "models",
+            "generate_vanilla": "samples", "evaluate_": "samples", "decode ": "grid", "evaluate ": "grid",
+            "grid_reference": "grid", "audit": "grid", "figures": "grid", "redundancy_heatmaps": "grid",
+            "train_autoencoder": "cspd", "train_continuous": "cspd", "cspd ": "cspd"}
+
+
+def _assert_runs_close_and_nest_by_stage(info: dict, runs: list) -> None:
+    """After `snakemake` exits 0 every run is FINISHED, the parent and its stage runs included (the end
+    hook); every job's run sits under its stage's run; a decode cell's rule and sampling parameters are
+    params a filter finds."""
+    import mlflow
+
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    stages = info["stage_run_ids"]
+    assert set(stages) == {"models", "samples", "grid", "cspd"}
+    by_id = {r.info.run_id: r for r in runs}
+    assert all(by_id[i].data.tags["mlflow.parentRunId"] == info["parent_run_id"] for i in stages.values())
+    for r in runs:
+        job = r.data.tags.get("cascade_sd.job")
+        if job is None:
+            continue
+        stage = next(v for k, v in sorted(STAGE_OF.items(), key=lambda kv: -len(kv[0])) if job.startswith(k))
+        assert r.data.tags["mlflow.parentRunId"] == stages[stage], job
+    found = mlflow.search_runs([info["experiment_id"]], output_format="list",
+                               filter_string="params.`rule.delta` = '0.1' AND tags.`cascade_sd.job` LIKE 'decode lantern [%'")
+    assert len(found) == 2  # LANTERN at its paper default δ = 0.1, one run per seed
+    assert all(r.data.params["sampling.cfg_scale"] == "3.0" and r.data.params["rule.k"] == "1000" for r in found)
 
 
 def _continuous_batching_hands_over_drafter_features(models: Path) -> None:

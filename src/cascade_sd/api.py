@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from cascade_sd import defaults
 from cascade_sd.acceptance import RULES, AcceptanceRule, RuleResources, get_rule
 from cascade_sd.continuous.bundle import ContinuousBundle, decode_continuous, load_continuous_bundle
 from cascade_sd.decoding.engine import SpeculativeEngine
@@ -27,6 +28,8 @@ from cascade_sd.metrics.sequence import sequence_log_prob as _sequence_log_prob
 from cascade_sd.models.drafters import ARCHS, create_drafter, load_drafter
 from cascade_sd.models.gpt import GPT, load_gpt
 from cascade_sd.models.toy import ToySpec, toy_target
+
+Progress = Callable[[int, int], None]  # (tokens committed so far, tokens of all images)
 
 BUNDLE_FILES = {"target": "target.pt", "tokenizer": "tokenizer.pt", "judge": "judge.pt"}
 
@@ -151,8 +154,8 @@ def _load_bundle(spec: str | os.PathLike, device: torch.device) -> Bundle:
     return bundle
 
 
-def make_tree(tree: str | StaticTree, *, tree_top_k: int = 10, depth: int = 5, total_tokens: int | str = 60
-              ) -> StaticTree | DynamicTreeSpec:
+def make_tree(tree: str | StaticTree, *, tree_top_k: int = defaults.TREE_TOP_K, depth: int = defaults.DEPTH,
+              total_tokens: int | str = defaults.TOTAL_TOKENS) -> StaticTree | DynamicTreeSpec:
     """A static preset (``chain-N``, ``tree-25``, ``tree-57``), a ``StaticTree`` of your own, or ``dynamic``
     with its settings."""
     if isinstance(tree, StaticTree):
@@ -177,21 +180,22 @@ def decode(
     labels: Any,
     *,
     method: str = "strict",
-    tree: str | StaticTree = "tree-57",
-    drafter: str = "eagle",
+    tree: str | StaticTree = defaults.TREE,
+    drafter: str = defaults.DRAFTER,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_scale: float = 1.0,
-    tree_top_k: int = 10,
-    depth: int = 5,
-    total_tokens: int | str = 60,
+    temperature: float = defaults.TEMPERATURE,
+    top_k: int = defaults.TOP_K,
+    top_p: float = defaults.TOP_P,
+    cfg_scale: float = defaults.CFG_SCALE,
+    tree_top_k: int = defaults.TREE_TOP_K,
+    depth: int = defaults.DEPTH,
+    total_tokens: int | str = defaults.TOTAL_TOKENS,
     profile: bool = False,
     record_drift: bool = False,
     drift_draws: int = 256,
     drift_rows: int | None = None,
     max_batch: int | None = None,
+    progress: Progress | None = None,
     **rule_params: Any,
 ) -> DecodeResult:
     """Decode one image per condition; ``method="vanilla"`` is plain AR decoding, otherwise a rule name
@@ -207,8 +211,8 @@ def decode(
     ``record_drift`` computes, at every verified node, TV(law the node emits, p) through the
     rule's own methods (``result.arrays["drift"]`` [rows, N], summaries in ``stats``) for the
     first ``drift_rows`` images (default all); it uses its own random stream, so the decoded
-    tokens do not change. Everything is validated (one-line
-    errors) before any compute starts.
+    tokens do not change. ``progress(tokens_done, tokens_total)`` is called as tokens are committed
+    (the CLI's progress line). Everything is validated (one-line errors) before any compute starts.
     """
     if max_batch is not None:
         check_int("max_batch", max_batch, 1)
@@ -226,7 +230,7 @@ def decode(
     if method == "vanilla":
         if rule_params:
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
-        return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0])
+        return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0], progress)
     rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
                                                rule_params)
     check_int("drift_draws", drift_draws, 1)
@@ -239,7 +243,7 @@ def decode(
                                  generator=torch.Generator().manual_seed(seed + 1))
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile,
                                drift=recorder)
-    result = engine.decode(cond, gen, max_rows=max_batch, valid=valid)
+    result = engine.decode(cond, gen, max_rows=max_batch, valid=valid, progress=progress)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
                      "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1,
                      "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}}
@@ -271,15 +275,15 @@ def sequence_log_prob(
     tokens: Any,
     *,
     method: str = "strict",
-    tree: str | StaticTree = "tree-57",
-    drafter: str = "eagle",
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_scale: float = 1.0,
-    tree_top_k: int = 10,
-    depth: int = 5,
-    total_tokens: int | str = 60,
+    tree: str | StaticTree = defaults.TREE,
+    drafter: str = defaults.DRAFTER,
+    temperature: float = defaults.TEMPERATURE,
+    top_k: int = defaults.TOP_K,
+    top_p: float = defaults.TOP_P,
+    cfg_scale: float = defaults.CFG_SCALE,
+    tree_top_k: int = defaults.TREE_TOP_K,
+    depth: int = defaults.DEPTH,
+    total_tokens: int | str = defaults.TOTAL_TOKENS,
     mc_draws: int = 256,
     seed: int = 0,
     max_rows: int = 256,
@@ -314,12 +318,14 @@ def sequence_log_prob(
 
 
 def _vanilla_batches(target: GPT, cond: torch.Tensor, valid: torch.Tensor | None, params: SamplingParams,
-                     gen: torch.Generator, size: int) -> DecodeResult:
+                     gen: torch.Generator, size: int, progress: Progress | None = None) -> DecodeResult:
     """Vanilla decoding of ``cond`` in consecutive batches of ``size`` images; totals over the batches."""
     parts = []
+    n, total = target.config.block_size, cond.shape[0] * target.config.block_size
     for lo in range(0, cond.shape[0], size):
+        step = None if progress is None else (lambda done, before=lo * n: progress(before + done, total))
         with condition_padding(target, None if valid is None else valid[lo : lo + size], params):
-            parts.append(vanilla_decode(target, cond[lo : lo + size], params, generator=gen))
+            parts.append(vanilla_decode(target, cond[lo : lo + size], params, generator=gen, progress=step))
     if len(parts) == 1:
         return parts[0]
     tokens = torch.cat([r.tokens for r in parts])
@@ -330,8 +336,8 @@ def _vanilla_batches(target: GPT, cond: torch.Tensor, valid: torch.Tensor | None
 
 @torch.no_grad()
 def next_token_law(
-    bundle: Bundle, labels: Any, prefix: Any, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    cfg_scale: float = 1.0,
+    bundle: Bundle, labels: Any, prefix: Any, *, temperature: float = defaults.TEMPERATURE, top_k: int = defaults.TOP_K,
+    top_p: float = defaults.TOP_P, cfg_scale: float = defaults.CFG_SCALE,
 ) -> torch.Tensor:
     """The target law p (DESIGN 3) of the next token after ``prefix`` [B, m] for each row, float64 [B, V]."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from cascade_sd.acceptance import RULES, get_rule
 from cascade_sd.decoding.processing import SamplingParams
 from cascade_sd.errors import ConfigError, check_int
 from cascade_sd.metrics.drift import paper_bound_cell
+from cascade_sd.progress import Progress
 
 
 def _sync(device: torch.device) -> None:
@@ -85,8 +86,12 @@ def run_bench(
     sampling: dict[str, Any] | None = None,
     tree_options: dict[str, Any] | None = None,
     rule_params: dict[str, Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (batch size, drafter, tree): τ, tokens/s, speedup, overhead, predicted speedup."""
+    """One row per (batch size, drafter, tree): τ, tokens/s, speedup, overhead, predicted speedup.
+    ``on_row`` gets each row as it is measured (a batch's vanilla row after its speculative rows);
+    ``progress`` counts the settings measured."""
     check_int("waves", waves, 1)
     sampling = sampling or {}
     SamplingParams(**sampling)  # validate before any compute
@@ -97,6 +102,9 @@ def run_bench(
     n_tokens = bundle.target.config.block_size
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
+    batch_sizes, trees = list(batch_sizes), list(trees)
+    if progress is not None:
+        progress.total = len(batch_sizes) * len(drafters) * len(trees)
     for batch in batch_sizes:
         labels = torch.arange(batch * waves) % classes
         images = labels.numel()
@@ -106,6 +114,8 @@ def run_bench(
             for tree in trees:
                 run = lambda: api.decode(bundle, labels, method=method, tree=tree, drafter=name, seed=seed, profile=True,
                                          max_batch=batch, **sampling, **(tree_options or {}), **(rule_params or {}))
+                if progress is not None:
+                    progress.update(progress.done, now=f"batch {batch} {name} {tree}")
                 van_times, sd_times, results = _timed_pairs(vanilla, run, repeats, device)
                 all_vanilla += van_times
                 t_van, t_sd = statistics.median(van_times), statistics.median(sd_times)
@@ -124,18 +134,26 @@ def run_bench(
                     "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
                     "accept_histogram": s["accept_histogram"],
                 })
+                if on_row is not None:
+                    on_row(batch_rows[-1])
+                if progress is not None:
+                    progress.update(progress.done + 1)
         t_van = statistics.median(all_vanilla) if all_vanilla else _timed(vanilla, device)[0]
         rows.append({"batch": batch, "images": images, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
                      "seconds": t_van, "tokens_per_second": images * n_tokens / t_van, "speedup": 1.0})
+        if on_row is not None:
+            on_row(rows[-1])
         rows += batch_rows
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of benchmark rows."""
-    head = ("| batch | images | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred | overhead "
-            "| rows/round | padding |")
-    lines = [head, "|" + "---|" * 13]
+TABLE_HEAD = ("| batch | images | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred "
+              "| overhead | rows/round | padding |\n" + "|" + "---|" * 13)
+
+
+def format_table(rows: list[dict[str, Any]], *, head: bool = True) -> str:
+    """Markdown table of benchmark rows (``head=False``: the rows only, to print one as it is measured)."""
+    lines = [TABLE_HEAD] if head else []
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['images']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} "

@@ -16,7 +16,7 @@ import torch
 
 from analysis.estimators import sequence_bound
 from analysis.sequence_tv import measure
-from cascade_sd import api
+from cascade_sd import api, defaults
 from cascade_sd.acceptance import RULES
 from cascade_sd.bench import _sync, rule_settings
 
@@ -39,10 +39,10 @@ def _decode_one_by_one(bundle: api.Bundle, labels: list[int], opts: dict[str, An
 
 def run_sequence_bench(bundle: api.Bundle, *, trees: Iterable[str] = ("chain-4", "dynamic"),
                        rules: Iterable[str] | None = None, defaults_only: bool = True, images: int = 4, seed: int = 0,
-                       drafter: str = "eagle", sampling: dict[str, Any] | None = None,
+                       drafter: str = defaults.DRAFTER, sampling: dict[str, Any] | None = None,
                        echo: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """One row per (tree, rule setting); ``echo`` gets each row as it is measured."""
-    sampling = sampling or {"cfg_scale": 3.0}
+    sampling = sampling or dict(defaults.SAMPLING)
     classes = bundle.target.config.num_classes
     labels = [(i * classes) // images for i in range(images)]  # spread over the classes
     rows = []

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import typer
 
+from cascade_sd import defaults
+from cascade_sd.cli_app import new_app
 from cascade_sd.cli_continuous import continuous_app, decode_continuous_cmd
 from cascade_sd.cli_drift import bench_sequence_cmd, drift_cmd
 from cascade_sd.cli_grid import grid_app
@@ -21,11 +23,11 @@ from cascade_sd.cli_models import import_app
 from cascade_sd.config import load_config, validate_config
 from cascade_sd.errors import CascadeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Relaxed speculative decoding of AR image generators.")
-train_app = typer.Typer(no_args_is_help=True, help="Train the built-in tokenizer, target or judge.")
-track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking set-up.")
-data_app = typer.Typer(no_args_is_help=True, help="Dataset checks.")
+app = new_app(add_completion=False, pretty_exceptions_enable=False,
+              help="Relaxed speculative decoding of AR image generators.")
+train_app = new_app(help="Train the built-in tokenizer, target or judge.")
+track_app = new_app(help="MLflow tracking set-up.")
+data_app = new_app(help="Dataset checks.")
 app.add_typer(train_app, name="train")
 app.add_typer(track_app, name="track")
 app.add_typer(data_app, name="data")
@@ -34,6 +36,11 @@ app.add_typer(import_app, name="import")
 app.add_typer(continuous_app, name="continuous")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML (defaults: workflow/schemas/config.schema.yaml).")
+# Sampling flags share the workflow's defaults (cascade_sd.defaults: the config schema's sample.*).
+TemperatureOpt = typer.Option(defaults.TEMPERATURE, help="softmax temperature")
+TopKOpt = typer.Option(defaults.TOP_K, help="keep the k most likely tokens (0 = off)")
+TopPOpt = typer.Option(defaults.TOP_P, help="nucleus mass (1 = off)")
+CfgOpt = typer.Option(defaults.CFG_SCALE, help="classifier-free guidance scale (1 = off; 3 as LlamaGen and the workflow)")
 
 
 def _config(path: Optional[Path], **sample_overrides: Any) -> dict[str, Any]:
@@ -45,14 +52,37 @@ def _config(path: Optional[Path], **sample_overrides: Any) -> dict[str, Any]:
     return config
 
 
-@track_app.command("init")
+@track_app.command("init", short_help="Create the experiment, parent run and stage runs (first job).")
 def track_init(config: Optional[Path] = ConfigOpt) -> None:
-    """Create the MLflow schema, experiment and parent run before any parallel job starts."""
-    from cascade_sd.tracking import init_tracking
+    """Create the MLflow schema, experiment, parent run and stage runs before any parallel job starts."""
+    from cascade_sd.tracking import init_tracking, workflow_stages
 
     cfg = _config(config)
-    info = init_tracking(cfg["results"], cfg["mlflow"]["experiment"], cfg)
+    info = init_tracking(cfg["results"], cfg["mlflow"]["experiment"], cfg, workflow_stages(cfg))
     typer.echo(json.dumps(info))
+
+
+@track_app.command("reopen")
+def track_reopen(config: Optional[Path] = ConfigOpt) -> None:
+    """Mark the workflow's parent and stage runs RUNNING again (the workflow's start hook)."""
+    from cascade_sd.tracking import reopen_tracking
+
+    if reopen_tracking(_config(config)["results"]):
+        typer.echo("mlflow: workflow run reopened")
+
+
+@track_app.command("finish", short_help="End the parent and stage runs (the workflow's end hooks).")
+def track_finish(config: Optional[Path] = ConfigOpt,
+                 status: str = typer.Option(..., help="FINISHED (workflow succeeded) or FAILED")) -> None:
+    """End the workflow's parent run with --status and each stage run with its jobs' status (the
+    workflow's success and error hooks)."""
+    from cascade_sd.errors import check_choice
+    from cascade_sd.tracking import finish_tracking
+
+    check_choice("status", status, ("FINISHED", "FAILED"))
+    ended = finish_tracking(_config(config)["results"], status)
+    if ended:
+        typer.echo("mlflow: " + ", ".join(f"{name} {state}" for name, state in ended.items()))
 
 
 @data_app.command("prepare")
@@ -94,7 +124,7 @@ def train_judge(config: Optional[Path] = ConfigOpt, out: Path = typer.Option(...
     typer.echo(json.dumps(train_judge_job(_config(config), out, metrics), indent=1))
 
 
-@train_app.command("drafter")
+@train_app.command("drafter", short_help="Train a drafter (EAGLE or EAGLE-3); reports τ on held-out data.")
 def train_drafter(
     config: Optional[Path] = ConfigOpt,
     arch: str = typer.Option(..., help="eagle (EAGLE-1/2) or eagle3 (EAGLE-3)"),
@@ -113,7 +143,7 @@ def train_drafter(
                                             redundancy_weight=redundancy_weight), indent=1))
 
 
-@app.command("distill")
+@app.command("distill", short_help="Self-distillation data (target samples and features) for drafters.")
 def distill(
     config: Optional[Path] = ConfigOpt,
     target: Path = typer.Option(...),
@@ -240,7 +270,8 @@ def _rule_flags(args: list[str], method: str) -> dict[str, Any]:
     return out
 
 
-@app.command("decode", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP)
+@app.command("decode", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP,
+             short_help="Decode images with any method, tree and drafter.")
 def decode_cmd(
     ctx: typer.Context,
     bundle: str = typer.Option(..., help="bundle folder (results/models) or toy spec 'toy:vocab=5,len=3,seed=0'"),
@@ -249,19 +280,19 @@ def decode_cmd(
                                "'vanilla' or 'cspd' with --model continuous"),
     model: str = typer.Option("discrete", help="discrete (VQ tokens) or continuous (results/continuous: CSpD, "
                               "flags --gamma --prefill --ratio-temperature --max-tries)"),
-    tree: str = typer.Option("tree-57", help="chain-N, tree-25, tree-57 or dynamic"),
-    drafter: str = typer.Option("eagle", help="drafter name in the bundle (eagle, eagle3, ...)"),
+    tree: str = typer.Option(defaults.TREE, help="chain-N, tree-25, tree-57 or dynamic"),
+    drafter: str = typer.Option(defaults.DRAFTER, help="drafter name in the bundle (eagle, eagle3, ...)"),
     labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
     per_class: Optional[int] = typer.Option(None, min=1, help="images per class (default 1)"),
     captions: Optional[Path] = typer.Option(None, help="t2i targets: .npz/.pt with caption_embs [B, n, 2048] (+ emb_masks)"),
     seed: int = typer.Option(0, min=0),
-    temperature: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
-    top_p: float = typer.Option(1.0),
-    cfg_scale: float = typer.Option(1.0),
-    tree_top_k: int = typer.Option(10, help="dynamic tree: children per expanded node"),
-    depth: int = typer.Option(5, help="dynamic tree: draft depth"),
-    total_tokens: str = typer.Option("60", help="dynamic tree: nodes incl. root, or 'auto'"),
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    cfg_scale: float = CfgOpt,
+    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
+    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
+    total_tokens: str = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'"),
     record_drift: bool = typer.Option(False, help="record exact per-node drift (drift.npz) for `cascade-sd audit`"),
     drift_draws: int = typer.Option(256, min=1, help="Monte-Carlo draws for nodes with several sampled children"),
     drift_rows: Optional[int] = typer.Option(None, min=1, help="record drift for the first N images only"),
@@ -274,6 +305,7 @@ def decode_cmd(
     from cascade_sd import api
     from cascade_sd.errors import check_choice
     from cascade_sd.io import atomic_savez, atomic_write_json
+    from cascade_sd.progress import Progress
 
     check_choice("model", model, ("discrete", "continuous"))
     if model == "continuous":
@@ -286,9 +318,11 @@ def decode_cmd(
     cond, lab = _conditions(b, labels, per_class, captions)
     total = total_tokens if total_tokens == "auto" else int(total_tokens)
     rule_params = _rule_flags(ctx.args, method)
-    res = api.decode(b, cond, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature, top_k=top_k,
-                     top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth, total_tokens=total,
-                     record_drift=record_drift, drift_draws=drift_draws, drift_rows=drift_rows, **rule_params)
+    with Progress(f"decode {method}", len(lab), "images") as line:
+        res = api.decode(b, cond, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature,
+                         top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth,
+                         total_tokens=total, record_drift=record_drift, drift_draws=drift_draws, drift_rows=drift_rows,
+                         progress=lambda done, all_: line.update(done * len(lab) // all_), **rule_params)
     res.stats["seed"] = seed
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
@@ -303,11 +337,12 @@ def decode_cmd(
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
 
 
-app.command("drift")(drift_cmd)
-app.command("bench-sequence")(bench_sequence_cmd)
+app.command("drift", short_help="Measured sequence TV and KL of a decode folder (exact log P_SD).")(drift_cmd)
+app.command("bench-sequence", short_help="Cost of exact log P_SD against decoding, per rule.")(
+    bench_sequence_cmd)
 
 
-@app.command("audit")
+@app.command("audit", short_help="Measured drift against each rule's bound; exit 1 on a violation.")
 def audit_cmd(
     run: str = typer.Argument(..., help="a results folder (searched for drift.npz) or an MLflow run id"),
     per_position: bool = typer.Option(False, help="also print the per-position table"),
@@ -352,7 +387,7 @@ def audit_cmd(
             from cascade_sd.tracking import child_run
 
             cfg = _config(config)
-            with child_run(cfg["results"], "audit", params={"folder": str(folder), "tolerance": tolerance}) as run:
+            with child_run(cfg["results"], "audit", stage="grid", params={"folder": str(folder), "tolerance": tolerance}) as run:
                 run.metrics({"audit_runs": len(audits), "audit_violations": sum(a.violations for a in audits),
                              "audit_inconclusive": sum(a.inconclusive for a in audits)})
                 run.artifact(folder / "audit.md")
@@ -373,59 +408,72 @@ def audit_cmd(
         raise typer.Exit(1)
 
 
-@app.command("bench", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP)
+@app.command("bench", context_settings=RULE_FLAGS, epilog=RULE_FLAGS_HELP,
+             short_help="Speed of trees and drafters against vanilla (warm, medians).")
 def bench_cmd(
     ctx: typer.Context,
     bundle: str = typer.Option(..., help="bundle folder or toy spec"),
-    batch_sizes: str = typer.Option("1,16"),
-    trees: str = typer.Option("chain-4,tree-25,tree-57,dynamic"),
+    batch_sizes: str = typer.Option("1,16", help="comma-separated batch sizes"),
+    trees: str = typer.Option("chain-4,tree-25,tree-57,dynamic",
+                              help="comma-separated tree families; all four by default because the bench compares "
+                                   "them (decode's default is the workflow's chain-4)"),
     drafters: Optional[str] = typer.Option(None, help="comma-separated (default: all in the bundle)"),
-    method: str = typer.Option("strict"),
+    method: str = typer.Option("strict", help="the acceptance rule (see `cascade-sd rules`)"),
     repeats: int = typer.Option(3, min=1),
     waves: int = typer.Option(1, min=1, help="images per setting = batch size × waves (continuous batching)"),
     seed: int = typer.Option(0, min=0),
-    temperature: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
-    top_p: float = typer.Option(1.0),
-    cfg_scale: float = typer.Option(1.0),
-    tree_top_k: int = typer.Option(10),
-    depth: int = typer.Option(5),
-    total_tokens: str = typer.Option("60"),
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    cfg_scale: float = CfgOpt,
+    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
+    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
+    total_tokens: str = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'"),
     threads: Optional[int] = typer.Option(None, min=1),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="JSON file for the rows"),
 ) -> None:
     """Vanilla and speculative variants in one process (warm, medians): τ, tokens/s, speedup, cost model.
 
-    With ``--waves W`` each setting decodes W × batch images at most batch at a time: vanilla in W
-    consecutive batches, speculative methods with continuous batching."""
+    One row per (batch size, drafter, tree), printed as it is measured. With --waves W each setting
+    decodes W × batch images at most batch at a time: vanilla in W consecutive batches, speculative
+    methods with continuous batching."""
     import torch
 
     from cascade_sd import api
-    from cascade_sd.bench import format_table, run_bench
+    from cascade_sd.bench import TABLE_HEAD, format_table, run_bench
     from cascade_sd.io import atomic_write_json
+    from cascade_sd.progress import Progress
 
     if threads:
         torch.set_num_threads(threads)
     b = api.load_bundle(bundle, device=device)
-    rows = run_bench(
-        b, batch_sizes=[int(x) for x in batch_sizes.split(",")], trees=trees.split(","),
-        drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, waves=waves, seed=seed,
-        sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
-        tree_options={"tree_top_k": tree_top_k, "depth": depth,
-                      "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
-        rule_params=_rule_flags(ctx.args, method),
-    )
-    if out:
-        atomic_write_json(out, rows)
-    typer.echo(format_table(rows))
+    measured: list[dict[str, Any]] = []
+
+    def show(row: dict[str, Any]) -> None:
+        measured.append(row)
+        line.echo(format_table([row], head=False))
+        if out:
+            atomic_write_json(out, measured)
+
+    rule_params = _rule_flags(ctx.args, method)
+    with Progress("bench", None, "settings") as line:
+        line.echo(TABLE_HEAD)
+        run_bench(
+            b, batch_sizes=[int(x) for x in batch_sizes.split(",")], trees=trees.split(","),
+            drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, waves=waves, seed=seed,
+            sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
+            tree_options={"tree_top_k": tree_top_k, "depth": depth,
+                          "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
+            rule_params=rule_params, on_row=show, progress=line,
+        )
 
 
-@app.command("bench-rules")
+@app.command("bench-rules", short_help="Every rule's speed, drift and quality on one tree family.")
 def bench_rules_cmd(
     bundle: str = typer.Option(..., help="bundle folder or toy spec"),
-    tree: str = typer.Option("chain-4", help="tree family: chain-N, tree-25, tree-57 or dynamic"),
-    drafter: str = typer.Option("eagle"),
+    tree: str = typer.Option(defaults.TREE, help="tree family: chain-N, tree-25, tree-57 or dynamic"),
+    drafter: str = typer.Option(defaults.DRAFTER),
     rules: Optional[str] = typer.Option(None, help="comma-separated rules (default: all, each with its sweep)"),
     defaults_only: bool = typer.Option(False, help="each rule at its paper defaults only, no sweep"),
     sweep_only: bool = typer.Option(False, help="each rule's strength sweep without its defaults"),
@@ -434,13 +482,13 @@ def bench_rules_cmd(
     quality_images: int = typer.Option(0, min=0, help="images for judge accuracy / in-domain FID (0 = skip)"),
     quality_batch: int = typer.Option(50, min=1),
     seed: int = typer.Option(0, min=0),
-    temperature: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
-    top_p: float = typer.Option(1.0),
-    cfg_scale: float = typer.Option(1.0),
-    tree_top_k: int = typer.Option(10),
-    depth: int = typer.Option(5),
-    total_tokens: int = typer.Option(60),
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    cfg_scale: float = CfgOpt,
+    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
+    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
+    total_tokens: int = typer.Option(defaults.TOTAL_TOKENS, help="dynamic tree: nodes incl. root"),
     threads: Optional[int] = typer.Option(None, min=1),
     device: str = typer.Option("cpu"),
     config: Optional[Path] = ConfigOpt,
@@ -480,7 +528,7 @@ def bench_rules_cmd(
     typer.echo(format_rule_table(rows))
 
 
-@app.command("rules")
+@app.command("rules", short_help="List the acceptance rules, their parameters and bounds.")
 def rules_cmd() -> None:
     """List the acceptance rules: parameters, defaults, allowed values and whether a TV bound is declared."""
     from cascade_sd.acceptance import RULES
@@ -499,7 +547,7 @@ def rules_cmd() -> None:
             typer.echo(f"  --{key.replace('_', '-'):<18} default {default!s:<10} {allowed:<28} {spec.doc}")
 
 
-@app.command("doctor")
+@app.command("doctor", short_help="Versions, device, dataset, MLflow URI; does the install match the lock?")
 def doctor(config: Optional[Path] = ConfigOpt,
            lock_root: Optional[Path] = typer.Option(None, "--lock-root", help="Folder holding requirements.lock "
                                                     "and requirements-torch.txt (default: this checkout).")) -> None:

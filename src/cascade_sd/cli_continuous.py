@@ -8,9 +8,11 @@ from typing import Any, Optional
 
 import typer
 
+from cascade_sd import defaults
+from cascade_sd.cli_app import new_app
 from cascade_sd.errors import CascadeError
 
-continuous_app = typer.Typer(no_args_is_help=True, help="Continuous tokens and CSpD: train, decode a cell, figures.")
+continuous_app = new_app(help="Continuous tokens and CSpD: train, decode a cell, figures.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML.")
 
@@ -40,7 +42,7 @@ def train_cmd(config: Optional[Path] = ConfigOpt, role: str = typer.Option(..., 
     typer.echo(json.dumps(train_continuous_job(load_config(config), role, latents, out, metrics)))
 
 
-@continuous_app.command("cell")
+@continuous_app.command("cell", short_help="Decode one CSpD-grid cell for every seed and evaluate it.")
 def cell_cmd(config: Optional[Path] = ConfigOpt, bundle: Path = typer.Option(...), cell: str = typer.Option(...),
              judge: Path = typer.Option(...), reference: Path = typer.Option(...),
              out_dir: Path = typer.Option(...)) -> None:
@@ -62,12 +64,13 @@ def figures_cmd(evals: list[Path] = typer.Argument(...), config: Optional[Path] 
     figures_job(load_config(config), evals, out_dir)
 
 
-@continuous_app.command("bench")
+@continuous_app.command("bench", short_help="Vanilla vs CSpD at batch 1 (warm, medians).")
 def bench_cmd(bundle: Path = typer.Option(..., help="continuous bundle folder (results/continuous)"),
               gammas: str = typer.Option("2,4,8"), prefill: float = typer.Option(0.15),
               ratio_temperatures: str = typer.Option("1", help="comma-separated; 1 is exact"),
               images: int = typer.Option(5, min=1, help="batch-1 images per setting (median time)"),
-              seed: int = typer.Option(0, min=0), cfg_scale: float = typer.Option(1.0),
+              seed: int = typer.Option(0, min=0),
+              cfg_scale: float = typer.Option(defaults.CONTINUOUS_CFG_SCALE, help="CFG on the head's ε (continuous.decode's)"),
               temperature: float = typer.Option(1.0), threads: int = typer.Option(2, min=1),
               device: str = typer.Option("cpu")) -> None:
     """Vanilla vs CSpD at batch 1 in one process (warm, medians): τ, acceptance, tries, speedup, cost split."""

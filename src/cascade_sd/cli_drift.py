@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
+from cascade_sd import defaults
 from cascade_sd.errors import CascadeError, DataError
 
 SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale")
@@ -91,7 +92,7 @@ def bench_sequence_cmd(
     sweep: bool = typer.Option(False, help="each rule's strength sweep too, not only its paper defaults"),
     images: int = typer.Option(4, min=2, help="images (spread over the classes) per setting, and as many target images"),
     seed: int = typer.Option(0, min=0),
-    cfg_scale: float = typer.Option(3.0, help="CFG scale (the workflow's and the papers' 3.0)"),
+    cfg_scale: float = typer.Option(defaults.CFG_SCALE, help="classifier-free guidance scale (the workflow's)"),
     threads: Optional[int] = typer.Option(None, min=1),
     out: Optional[Path] = typer.Option(None, help="JSON file for the rows (rewritten after every row)"),
 ) -> None:

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-grid_app = typer.Typer(no_args_is_help=True, help="Decode-grid steps: decode a cell, evaluate it, figures, heat-maps.")
+from cascade_sd.cli_app import new_app
+
+grid_app = new_app(help="Decode-grid steps: decode a cell, evaluate it, figures, heat-maps.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment config YAML.")
 
@@ -17,7 +19,7 @@ def _cell(tree: str, drafter: str, method: str, setting: str) -> dict[str, str]:
     return {"tree": tree, "drafter": drafter, "method": method, "setting": setting}
 
 
-@grid_app.command("decode")
+@grid_app.command("decode", short_help="Decode one grid cell for every seed (samples, drift, timing).")
 def decode(
     config: Optional[Path] = ConfigOpt,
     bundle: Path = typer.Option(..., help="bundle folder (results/models)"),
@@ -49,7 +51,7 @@ def reference(config: Optional[Path] = ConfigOpt, judge: Path = typer.Option(...
     typer.echo(json.dumps(reference_features_job(load_config(config), judge, out)))
 
 
-@grid_app.command("evaluate")
+@grid_app.command("evaluate", short_help="Quality, τ, speedup and drift of every grid cell.")
 def evaluate(
     config: Optional[Path] = ConfigOpt,
     decode_dir: Path = typer.Option(..., help="the grid's decode folder (results/decode): <cell>/seed<S>/ per cell and seed"),
@@ -87,7 +89,7 @@ def figures(
         from cascade_sd.errors import ConfigError
 
         raise ConfigError(f"grids: {len(pngs)} sample grids for {len(evals)} evaluations; give one per evaluation")
-    with child_run(cfg["results"], "figures", params={"cells": len(evals)}, seed=cfg["seed"]) as run:
+    with child_run(cfg["results"], "figures", stage="grid", params={"cells": len(evals)}, seed=cfg["seed"]) as run:
         make_all(evals, pngs, out_dir)
         for path in sorted(out_dir.glob("*")):
             if path.suffix in (".png", ".csv", ".md") and not path.name.startswith("redundancy"):
@@ -120,7 +122,7 @@ def heatmaps(
     params = get_rule("cascade").params
     from cascade_sd.tracking import child_run
 
-    with child_run(cfg["results"], "redundancy_heatmaps", params={"drafter": drafter, "label": label, **params},
+    with child_run(cfg["results"], "redundancy_heatmaps", stage="grid", params={"drafter": drafter, "label": label, **params},
                    seed=cfg["seed"]) as run:
         draw(rounds, out_dir, tau_b=params["tau_b"], tau_d=params["tau_d"])
         for name in ("redundancy_breadth", "redundancy_depth"):

@@ -8,10 +8,12 @@ from typing import Optional
 
 import typer
 
-import_app = typer.Typer(no_args_is_help=True, help="Import real checkpoints (LlamaGen) as a bundle folder.")
+from cascade_sd.cli_app import new_app
+
+import_app = new_app(help="Import real checkpoints (LlamaGen) as a bundle folder.")
 
 
-@import_app.command("llamagen")
+@import_app.command("llamagen", short_help="Import a LlamaGen VQ + GPT pair as a bundle folder.")
 def import_llamagen_cmd(
     vq: Path = typer.Option(..., help="LlamaGen tokenizer file, e.g. vq_ds16_c2i.pt"),
     gpt: Path = typer.Option(..., help="LlamaGen GPT file, e.g. c2i_B_256.pt or t2i_XL_stage1_256.pt"),
@@ -36,7 +38,7 @@ def import_llamagen_cmd(
         from cascade_sd.tracking import child_run
 
         cfg = load_config(config)
-        with child_run(cfg["results"], "import_llamagen", params={"models": cfg["models"]}, seed=cfg["seed"]) as logged:
+        with child_run(cfg["results"], "import_llamagen", stage="models", params={"models": cfg["models"]}, seed=cfg["seed"]) as logged:
             info = run()
             logged.metrics({"target_parameters": info["target_parameters"], "vocab_size": info["vocab_size"]})
             logged.artifact(Path(out) / "bundle.json")

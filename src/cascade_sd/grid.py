@@ -159,8 +159,8 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
     drift_rows = dc["drift_rows"]
     if method != "vanilla" and cell["tree"] != "dynamic" and get_rule(method, **params).draw_dependent:
         drift_rows = dc["probed_drift_rows"]  # every node probes each hypothetical child: costly
-    run_params = {"cell": cell, "rule_params": params, "sampling": sampling, "decode": dc}
-    with child_run(config["results"], f"decode {cell_name(cell)} seed{seed}", params=run_params, seed=seed) as run:
+    run_params = {**mlflow_params(cell, params, dc), "sampling": sampling, "decode": dc}
+    with child_run(config["results"], f"decode {cell_name(cell)} seed{seed}", stage="grid", params=run_params, seed=seed) as run:
         tokens, drift, drift_stats, rounds, accepted, histogram, effective = [], None, {}, 0, 0.0, None, {}
         effective_tree_size = None
         for start in range(0, len(labels), dc["batch_size"]):
@@ -214,6 +214,18 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
         run.artifact(out_dir / "grid.png")
         run.artifact(out_dir / "stats.json")
     return stats
+
+
+def mlflow_params(cell: dict[str, str], params: dict[str, Any], dc: dict[str, Any]) -> dict[str, Any]:
+    """A cell's MLflow params: the cell, every parameter of its rule as the rule sees it (paper defaults
+    filled in: ``rule.delta``, ``rule.tau_b``, ...; filterable in ``search_runs``) and, on dynamic trees,
+    the tree's options."""
+    out: dict[str, Any] = {"cell": cell}
+    if cell["method"] != "vanilla":
+        out["rule"] = {k: v for k, v in get_rule(cell["method"], **params).params.items() if v is not None}
+    if cell["tree"] == "dynamic":
+        out["dynamic_tree"] = {k: dc[k] for k in ("tree_top_k", "depth", "total_tokens")}
+    return out
 
 
 def _sequence_rows(dc: dict[str, Any], method: str, params: dict[str, Any], tree: str) -> int:
@@ -288,7 +300,7 @@ def reference_features_job(config: dict[str, Any], judge_path: Path, out: Path) 
 
     setup_runtime(config)
     judge, _ = load_judge(judge_path)
-    with child_run(config["results"], "grid_reference", params={"data": config["data"]}, seed=config["seed"]) as run:
+    with child_run(config["results"], "grid_reference", stage="grid", params={"data": config["data"]}, seed=config["seed"]) as run:
         feats = judge_features(judge, _images(config, "test").images)
         pick = np.random.default_rng(config["seed"]).permutation(len(feats))[:2000]
         atomic_savez(out, features=feats, kid_features=feats[np.sort(pick)])
@@ -315,8 +327,9 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
     n_boot, seed = config["decode"]["bootstrap"], config["seed"]
     stats = [load_cell_stats(d) for d in seed_dirs]
     cell = {k: stats[0][k] for k in ("tree", "drafter", "method", "setting")}
-    with child_run(config["results"], f"evaluate {cell_name(cell)}", params={"cell": cell, "seeds": [s["seed"] for s in stats]},
-                   seed=seed) as run:
+    run_params = {**mlflow_params(cell, parse_setting(cell["method"], cell["setting"]), config["decode"]),
+                  "sampling": stats[0]["sampling"], "seeds": [s["seed"] for s in stats]}
+    with child_run(config["results"], f"evaluate {cell_name(cell)}", stage="grid", params=run_params, seed=seed) as run:
         rounds = sum(s["rounds"] for s in stats)
         speedups = [s["speedup"] for s in stats]
         hist = [s["accept_histogram"] for s in stats if s["accept_histogram"]]
@@ -324,6 +337,7 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
             **cell, "name": cell_name(cell), "rule_params": stats[0]["rule_params"], "seeds": [s["seed"] for s in stats],
             "images": int(sum(s["images"] for s in stats)),
             "tau": sum(s["tau"] * s["rounds"] for s in stats) / rounds if rounds else 1.0,
+            "tau_range": [min(s["tau"] for s in stats), max(s["tau"] for s in stats)],
             "speedup": float(np.mean(speedups)), "speedup_range": [min(speedups), max(speedups)],
             "seconds_per_image": float(np.mean([s["seconds_per_image"] for s in stats])),
             "accept_histogram": reduce(_add_hist, [np.asarray(h) for h in hist]).tolist() if hist else [],

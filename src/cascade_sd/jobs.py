@@ -65,7 +65,7 @@ def prepare_data(config: dict[str, Any], out: Path) -> dict[str, Any]:
         "class_names": train.class_names,
         "fingerprint": dataset_fingerprint(config["data"]["source"], config["data"]["root"]),
     }
-    with child_run(config["results"], "data", params={"data": config["data"]}) as run:
+    with child_run(config["results"], "data", stage="models", params={"data": config["data"]}) as run:
         atomic_write_json(out, info)
         run.metrics({"train_examples": info["train_examples"], "test_examples": info["test_examples"]})
         run.artifact(out)
@@ -101,11 +101,12 @@ def train_tokenizer_job(config: dict[str, Any], out: Path, metrics_out: Path) ->
     train, test = _images(config, "train"), _images(config, "test")
     # A seeded test subset: encoding and decoding the full 10k split cost ~50 s on 2 cores.
     pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(config["seed"]))[: tc["eval_images"]].sort().values
-    with child_run(config["results"], "train_tokenizer", params={"tokenizer": tc, "vq": vq_cfg.to_dict()}, seed=config["seed"]) as run:
+    with child_run(config["results"], "train_tokenizer", stage="models", params={"tokenizer": tc, "vq": vq_cfg.to_dict()}, seed=config["seed"]) as run:
         clock = StageClock("tokenizer", tc["steps"], tc["expected_seconds"], tc["max_seconds"])
         model, metrics = train_tokenizer(
             train.images, test.images[pick], vq_cfg, steps=tc["steps"], batch_size=tc["batch_size"], lr=tc["lr"],
-            seed=config["seed"], max_seconds=tc["max_seconds"], log_every=100, on_log=clock.on_log(_log_progress(run)),
+            seed=config["seed"], max_seconds=tc["max_seconds"], log_every=clock.log_every(100),
+            on_log=clock.on_log(_log_progress(run), every=100),
         )
         metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"eval_images": len(pick)}
         digest = save_checkpoint(out, "vq", vq_cfg.to_dict(), model.state_dict(), extra={"metrics": metrics, "data": config["data"]})
@@ -121,7 +122,7 @@ def tokenize_job(config: dict[str, Any], tokenizer: Path, out: Path) -> dict[str
     setup_runtime(config, training=True)
     vq, ckpt = load_vq(tokenizer)
     train, test = _images(config, "train"), _images(config, "test")
-    with child_run(config["results"], "tokenize", params={"tokenizer_hash": ckpt.hash}) as run:
+    with child_run(config["results"], "tokenize", stage="models", params={"tokenizer_hash": ckpt.hash}) as run:
         start = time.perf_counter()
         train_codes = tokenize_images(vq, train.images)
         test_codes = tokenize_images(vq, test.images)
@@ -145,13 +146,13 @@ def train_target_job(config: dict[str, Any], tokens: Path, tokenizer: Path, out:
         tc["preset"], dim=tc["dim"], n_layer=tc["n_layer"], n_head=tc["n_head"], vocab_size=cache.codebook_size,
         block_size=cache.grid_size**2, grid_width=cache.grid_size, num_classes=int(cache.train_labels.max()) + 1,
     )
-    with child_run(config["results"], "train_target", params={"target": tc, "gpt": gpt_cfg.to_dict()}, seed=config["seed"]) as run:
+    with child_run(config["results"], "train_target", stage="models", params={"target": tc, "gpt": gpt_cfg.to_dict()}, seed=config["seed"]) as run:
         clock = StageClock("target", tc["steps"], tc["expected_seconds"], tc["max_seconds"])
         model, metrics = train_target(
             cache.train_codes, cache.train_labels, cache.test_codes, cache.test_labels, gpt_cfg,
             steps=tc["steps"], batch_size=tc["batch_size"], lr=tc["lr"], warmup_steps=tc["warmup_steps"],
             weight_decay=tc["weight_decay"], seed=config["seed"], max_seconds=tc["max_seconds"], eval_batches=20,
-            on_log=clock.on_log(_log_progress(run)),
+            log_every=clock.log_every(50), on_log=clock.on_log(_log_progress(run), every=50),
         )
         metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"parameters": sum(p.numel() for p in model.parameters())}
         digest = save_checkpoint(out, "gpt", gpt_cfg.to_dict(), model.state_dict(),
@@ -171,11 +172,11 @@ def train_judge_job(config: dict[str, Any], out: Path, metrics_out: Path) -> dic
     jc = config["judge"]
     train, test = _images(config, "train"), _images(config, "test")
     judge_cfg = JudgeConfig(num_classes=train.num_classes)
-    with child_run(config["results"], "train_judge", params={"judge": jc, "config": judge_cfg.to_dict()}, seed=config["seed"]) as run:
+    with child_run(config["results"], "train_judge", stage="models", params={"judge": jc, "config": judge_cfg.to_dict()}, seed=config["seed"]) as run:
         clock = StageClock("judge", judge_steps(len(train.labels), jc["epochs"], jc["batch_size"]), jc["expected_seconds"],
                            jc["max_seconds"])
         model, metrics = train_judge(train, test, judge_cfg, epochs=jc["epochs"], batch_size=jc["batch_size"], lr=jc["lr"],
-                                     seed=config["seed"], max_seconds=jc["max_seconds"])
+                                     seed=config["seed"], max_seconds=jc["max_seconds"], on_log=clock.on_log())
         metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_checkpoint(out, "judge", judge_cfg.to_dict(), model.state_dict(), extra={"metrics": metrics})
         metrics = metrics | {"checkpoint_hash": digest}
@@ -219,7 +220,7 @@ def generate_job(
     classes = gpt.config.num_classes
     labels = torch.arange(classes).repeat_interleave(per_class)
     gen = torch.Generator().manual_seed(seed)
-    with child_run(config["results"], f"generate_vanilla_seed{seed}", params={"sample": sc, "per_class": per_class}, seed=seed) as run:
+    with child_run(config["results"], f"generate_vanilla_seed{seed}", stage="samples", params={"sample": sc, "per_class": per_class}, seed=seed) as run:
         chunks, seconds = [], 0.0
         for i in range(0, len(labels), sc["batch_size"]):
             res = vanilla_decode(gpt, labels[i : i + sc["batch_size"]].to(device), params, generator=gen)
@@ -253,7 +254,7 @@ def evaluate_job(config: dict[str, Any], samples_dir: Path, judge_path: Path, ou
     fake, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
     real = _images(config, "test").images
     stats = json.loads((samples_dir / "stats.json").read_text())
-    with child_run(config["results"], f"evaluate_{samples_dir.name}", params={"samples": str(samples_dir)}, seed=stats.get("seed")) as run:
+    with child_run(config["results"], f"evaluate_{samples_dir.name}", stage="samples", params={"samples": str(samples_dir)}, seed=stats.get("seed")) as run:
         quality = {"judge_accuracy": judge_accuracy(judge, fake, labels), "samples": len(labels), "reference_images": len(real)}
         # KID subsets of half the smaller set, so its spread over subsets is informative.
         subset = max(2, min(len(real), len(fake)) // 2)
@@ -313,7 +314,7 @@ def distill_job(config: dict[str, Any], target_path: Path, out: Path, conditions
     dc, sc = config["drafter"], config["sample"]
     params = SamplingParams(temperature=sc["temperature"], top_k=sc["top_k"], top_p=sc["top_p"], cfg_scale=sc["cfg_scale"])
     target, _ = load_gpt(target_path)
-    with child_run(config["results"], "distill", params={"drafter": dc, "sample": sc}, seed=config["seed"]) as run:
+    with child_run(config["results"], "distill", stage="models", params={"drafter": dc, "sample": sc}, seed=config["seed"]) as run:
         start = time.perf_counter()
         data = distill_data(target.to(device), dc["distill_per_class"], params, seed=config["seed"] + 1,
                             batch_size=dc["distill_batch_size"], with_layers=True, conditions=conditions)
@@ -337,14 +338,14 @@ def train_drafter_job(
     data = load_distill(distill, expect_target_hash=ckpt.hash)
     name = f"train_drafter_{arch}" + ("" if redundancy_weight == 1.0 else f"_rw{redundancy_weight:g}")
     steps, expected = per_arch(dc["steps"], arch), per_arch(dc["expected_seconds"], arch)
-    with child_run(config["results"], name, params={"drafter": dc, "arch": arch, "redundancy_weight": redundancy_weight},
+    with child_run(config["results"], name, stage="models", params={"drafter": dc, "arch": arch, "redundancy_weight": redundancy_weight},
                    seed=config["seed"]) as run:
         clock = StageClock(name.removeprefix("train_"), steps, expected, dc["max_seconds"])
         drafter, metrics = train_drafter(
             target.to(device), data, arch, steps=steps, batch_size=dc["batch_size"], lr=dc["lr"],
             seed=config["seed"], max_seconds=dc["max_seconds"], unroll=dc["unroll"] if arch == "eagle3" else 1,
             redundancy_weight=redundancy_weight, redundancy_threshold=dc["redundancy_threshold"],
-            on_log=clock.on_log(_log_progress(run)),
+            log_every=clock.log_every(50), on_log=clock.on_log(_log_progress(run), every=50),
         )
         metrics = stage_done(run, metrics, clock, metrics["steps"]) | {"arch": arch, "redundancy_weight": redundancy_weight}
         metrics["checkpoint_hash"] = save_drafter(out, drafter.cpu(), extra={"metrics": metrics, "target_hash": ckpt.hash})

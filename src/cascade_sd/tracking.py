@@ -1,14 +1,17 @@
 """MLflow conventions in one place (DESIGN 8).
 
 The workflow's files under ``results/`` are the source of truth; MLflow indexes them. One init
-job creates the schema, the experiment and a parent run (so parallel jobs never race to migrate
-a fresh SQLite file); every other job opens a child run under that parent.
+job creates the schema, the experiment, a parent run "workflow" and one run per stage under it
+(so parallel jobs never race to migrate a fresh SQLite file or to create a stage); every other
+job opens a child run under its stage. The workflow's start, success and error hooks reopen and
+close the parent and stage runs, so a finished workflow reads FINISHED (or FAILED) in the UI.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -24,6 +27,19 @@ from cascade_sd.provenance import run_provenance  # noqa: E402
 
 T = TypeVar("T")
 PARENT_FILE = "parent.json"
+STAGES = {
+    "models": "data, tokenizer, target, judge and drafter training, or checkpoint import",
+    "samples": "vanilla samples and their quality",
+    "grid": "the decode grid: cells, their evaluation, the audit, figures and heat-maps",
+    "cspd": "continuous-token models and the CSpD cells",
+}
+
+
+def workflow_stages(config: Mapping[str, Any]) -> list[str]:
+    """The stages a config's workflow runs (built-in models add samples; CSpD is optional)."""
+    builtin = config["models"]["source"] == "builtin"
+    cspd = builtin and config.get("continuous", {}).get("enabled", False)
+    return ["models", *(["samples"] if builtin else []), "grid", *(["cspd"] if cspd else [])]
 
 
 def default_tracking_uri(results_dir: str | os.PathLike) -> str:
@@ -88,8 +104,10 @@ def _log_packages(client: Any, run_id: str, packages: str) -> None:
         retry_locked(lambda: client.log_artifact(run_id, str(path), "environment"))
 
 
-def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mapping[str, Any]) -> dict[str, str]:
-    """Create schema, experiment and the parent run; write ``<results>/mlflow/parent.json``."""
+def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mapping[str, Any],
+                  stages: list[str] | None = None) -> dict[str, Any]:
+    """Create schema, experiment, the parent run and one run per stage under it (default: every
+    stage in ``STAGES``); write ``<results>/mlflow/parent.json``."""
     results_dir = Path(results_dir)
     on_server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     uri = default_tracking_uri(results_dir)
@@ -101,12 +119,20 @@ def init_tracking(results_dir: str | os.PathLike, experiment: str, params: Mappi
         exp_id = client.create_experiment(experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
+    # The UI then opens the experiment on its training-runs table (not the GenAI traces overview).
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     tags, packages = environment_tags()
     run = client.create_run(exp_id, run_name="workflow", tags=tags | {"cascade_sd.role": "parent"})
     _log_packages(client, run.info.run_id, packages)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, _param_str(value))
-    info = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id}
+    stage_ids = {}
+    for stage in stages or list(STAGES):
+        child = client.create_run(exp_id, run_name=stage, tags=tags | {
+            "cascade_sd.role": "stage", "cascade_sd.stage": stage, "mlflow.parentRunId": run.info.run_id,
+            "mlflow.note.content": STAGES[stage]})
+        stage_ids[stage] = child.info.run_id
+    info = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id, "stage_run_ids": stage_ids}
     atomic_write_json(results_dir / "mlflow" / PARENT_FILE, info)
     return info
 
@@ -144,14 +170,15 @@ class RunLogger:
             retry_locked(lambda: self.client.log_batch(self.run_id, params=items[i : i + 100]))
 
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log numeric (flattened) metrics; non-numeric values are skipped."""
+        """Log numeric (flattened) metrics. Non-numeric and non-finite values are skipped: a metric that
+        does not apply to a run (a bound for a rule without one) is absent, not NaN."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step or 0)
             for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ]
         for i in range(0, len(items), 500):
             retry_locked(lambda: self.client.log_batch(self.run_id, metrics=items[i : i + 500]))
@@ -185,23 +212,34 @@ class NullLogger(RunLogger):
         """No-op."""
 
 
+def _parent_info(results_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """``parent.json`` of a results folder, or None when tracking was never initialised there."""
+    parent_file = Path(results_dir) / "mlflow" / PARENT_FILE if results_dir else None
+    if parent_file is None or not parent_file.is_file():
+        return None
+    return json.loads(parent_file.read_text())
+
+
 @contextlib.contextmanager
 def child_run(
-    results_dir: str | os.PathLike | None, job: str, *, params: Mapping[str, Any] | None = None, seed: int | None = None
+    results_dir: str | os.PathLike | None, job: str, *, stage: str, params: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> Iterator[RunLogger]:
-    """Open a child run of the workflow's parent run; FAILED on exception, FINISHED otherwise.
+    """Open a job's run under its stage's run (``STAGES``); FAILED on exception, FINISHED otherwise.
 
     Without ``results_dir`` or without a parent (a job run by hand before ``init``), tracking is
     off and a ``NullLogger`` is yielded: the job's files are still written.
     """
-    parent_file = Path(results_dir) / "mlflow" / PARENT_FILE if results_dir else None
-    if parent_file is None or not parent_file.is_file():
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; allowed: {', '.join(STAGES)}")
+    info = _parent_info(results_dir)
+    if info is None:
         yield NullLogger()
         return
-    info = json.loads(parent_file.read_text())
     client = _client(info["tracking_uri"])
     tags, packages = environment_tags()
-    tags |= {"mlflow.parentRunId": info["parent_run_id"], "cascade_sd.job": job}
+    parent = info.get("stage_run_ids", {}).get(stage, info["parent_run_id"])
+    tags |= {"mlflow.parentRunId": parent, "cascade_sd.job": job, "cascade_sd.stage": stage}
     if seed is not None:
         tags["seed"] = str(seed)
     run = retry_locked(lambda: client.create_run(info["experiment_id"], run_name=job, tags=tags))
@@ -215,3 +253,39 @@ def child_run(
         retry_locked(lambda: client.set_terminated(run.info.run_id, "FAILED"))
         raise
     retry_locked(lambda: client.set_terminated(run.info.run_id, "FINISHED"))
+
+
+def reopen_tracking(results_dir: str | os.PathLike) -> bool:
+    """Mark the parent and stage runs RUNNING again when a later ``snakemake`` call resumes a workflow
+    (its start hook); False when tracking was never initialised there."""
+    info = _parent_info(results_dir)
+    if info is None:
+        return False
+    client = _client(info["tracking_uri"])
+    for run_id in [info["parent_run_id"], *info.get("stage_run_ids", {}).values()]:
+        retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+    return True
+
+
+def finish_tracking(results_dir: str | os.PathLike, status: str) -> dict[str, str]:
+    """End the parent run with the workflow's ``status`` (FINISHED or FAILED) and each stage run with its
+    jobs': FAILED if one failed or never ended, KILLED if the workflow failed before the stage ran
+    any job, FINISHED otherwise. Returns run name → status (empty without tracking)."""
+    if status not in ("FINISHED", "FAILED"):
+        raise ValueError(f"status={status!r}; allowed: FINISHED, FAILED")
+    info = _parent_info(results_dir)
+    if info is None:
+        return {}
+    client = _client(info["tracking_uri"])
+    ended = {}
+    for stage, run_id in info.get("stage_run_ids", {}).items():
+        jobs = retry_locked(lambda: client.search_runs(
+            [info["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=10_000))
+        states = {r.info.status for r in jobs}
+        stage_status = ("FAILED" if states & {"FAILED", "RUNNING", "KILLED", "SCHEDULED"} else
+                        "KILLED" if not jobs and status == "FAILED" else "FINISHED")
+        retry_locked(lambda: client.set_terminated(run_id, stage_status))
+        ended[stage] = stage_status
+    retry_locked(lambda: client.set_terminated(info["parent_run_id"], status))
+    ended["workflow"] = status
+    return ended

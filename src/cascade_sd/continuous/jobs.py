@@ -67,12 +67,12 @@ def train_autoencoder_job(config: dict[str, Any], model_out: Path, latents_out: 
     ae_cfg = AEConfig(latent_dim=ac["latent_dim"], base_channels=ac["base_channels"], res_blocks=ac["res_blocks"],
                       latent_noise=ac["latent_noise"])
     train, test = _images(config, "train"), _images(config, "test")
-    with child_run(config["results"], "train_autoencoder", params={"autoencoder": ac}, seed=config["seed"]) as run:
+    with child_run(config["results"], "train_autoencoder", stage="cspd", params={"autoencoder": ac}, seed=config["seed"]) as run:
         clock = StageClock("continuous autoencoder", ac["steps"], ac["expected_seconds"], ac["max_seconds"])
         model, metrics = train_autoencoder(train.images, test.images, ae_cfg, steps=ac["steps"],
                                            batch_size=ac["batch_size"], lr=ac["lr"], seed=config["seed"],
-                                           max_seconds=ac["max_seconds"],
-                                           on_log=clock.on_log(lambda s, m: run.metrics(m, step=s)))
+                                           max_seconds=ac["max_seconds"], log_every=clock.log_every(100),
+                                           on_log=clock.on_log(lambda s, m: run.metrics(m, step=s), every=100))
         metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_model(model_out, model, extra={"metrics": metrics})
         atomic_torch_save({"autoencoder_hash": digest, "train": encode_images(model, train.images),
@@ -101,13 +101,14 @@ def train_continuous_job(config: dict[str, Any], role: str, latents: Path, model
     model_cfg = ContinuousConfig(latent_dim=data["train"].shape[-1], grid_size=int(data["train"].shape[1] ** 0.5),
                                  num_classes=int(data["train_labels"].max()) + 1, head=cc["head"],
                                  sample_steps=cc["sample_steps"], **{k: rc[k] for k in _ARCH})
-    with child_run(config["results"], f"train_continuous_{role}", params={role: rc, "model": model_cfg.to_dict()},
+    with child_run(config["results"], f"train_continuous_{role}", stage="cspd", params={role: rc, "model": model_cfg.to_dict()},
                    seed=config["seed"]) as run:
         clock = StageClock(f"continuous {role}", rc["steps"], rc["expected_seconds"], rc["max_seconds"])
         model, metrics = train_continuous(
             data["train"], data["train_labels"], data["test"], data["test_labels"], model_cfg, steps=rc["steps"],
             batch_size=rc["batch_size"], lr=rc["lr"], warmup_steps=rc["warmup_steps"], seed=config["seed"],
-            max_seconds=rc["max_seconds"], on_log=clock.on_log(lambda s, m: run.metrics(m, step=s)))
+            max_seconds=rc["max_seconds"], log_every=clock.log_every(50),
+            on_log=clock.on_log(lambda s, m: run.metrics(m, step=s), every=50))
         metrics = stage_done(run, metrics, clock, metrics["steps"])
         digest = save_model(model_out, model, extra={"metrics": metrics, "autoencoder_hash": data["autoencoder_hash"]})
         metrics |= {"checkpoint_hash": digest}
@@ -144,8 +145,8 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
         _time_batch1(bundle, c, 1, 10_000, sampling)
     seed_stats, seed_dirs = [], []
     for seed in config["continuous"]["decode"]["seeds"]:
-        with child_run(config["results"], f"cspd decode {slug} seed{seed}", params={"cell": cell, "decode": dc},
-                       seed=seed) as run:
+        with child_run(config["results"], f"cspd decode {slug} seed{seed}", stage="cspd",
+                       params={"cell": cell, "rule": opts, "sampling": sampling, "decode": dc}, seed=seed) as run:
             tokens, totals = [], []
             for start in range(0, len(labels), dc["batch_size"]):
                 res = decode_continuous(bundle, labels[start:start + dc["batch_size"]], method=cell["method"],
@@ -169,7 +170,8 @@ def cell_job(config: dict[str, Any], bundle_dir: Path, slug: str, judge: Path, r
             run.artifact(folder / "grid.png")
             seed_stats.append(stats)
             seed_dirs.append(folder)
-    with child_run(config["results"], f"cspd evaluate {slug}", params={"cell": cell}, seed=config["seed"]) as run:
+    with child_run(config["results"], f"cspd evaluate {slug}", stage="cspd",
+                   params={"cell": cell, "rule": opts, "sampling": sampling}, seed=config["seed"]) as run:
         result = {**cell, "cell": slug, "seeds": [s["seed"] for s in seed_stats],
                   "speedup": float(np.mean([s["speedup"] for s in seed_stats])),
                   "speedup_range": [min(s["speedup"] for s in seed_stats), max(s["speedup"] for s in seed_stats)],
@@ -192,26 +194,34 @@ def figures_job(config: dict[str, Any], evals: list[Path], out_dir: Path) -> lis
 
     rows = [json.loads(Path(p).read_text()) for p in evals]
     cols = ["cell", "method", "gamma", "prefill", "ratio_temperature", "tau", "acceptance_rate", "mean_tries",
-            "capped_resamples", "speedup", "fid_in_domain_corrected", "fid_in_domain", "kid_in_domain",
-            "judge_accuracy"]
-    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+            "capped_resamples", "speedup", "speedup_min", "speedup_max", "fid_in_domain_corrected", "fid_in_domain",
+            "fid_lower", "fid_upper", "kid_in_domain", "judge_accuracy"]
+    flat = [r | {"speedup_min": r["speedup_range"][0], "speedup_max": r["speedup_range"][1],
+                 "fid_lower": r["fid_in_domain_ci"][0], "fid_upper": r["fid_in_domain_ci"][1]} for r in rows]
+    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in flat])
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "cspd_table.csv", frame.to_csv(index=False))
     atomic_write_text(out_dir / "cspd_table.md", _markdown(frame))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     spd = frame[frame.method == "cspd"]
-    for (prefill, temp), part in spd.groupby(["prefill", "ratio_temperature"]):
+    groups = list(spd.groupby(["prefill", "ratio_temperature"]))
+    for i, ((prefill, temp), part) in enumerate(groups):
         part = part.sort_values("gamma")
         label = f"pre-fill {prefill:g}" + ("" if temp == 1 else f", ratio T {temp:g}")
-        style = "o-" if len(part) > 1 else "s"
-        axes[0].plot(part.gamma, part.speedup, style, label=label)
-        axes[1].plot(part.gamma, part.fid_in_domain_corrected, style, label=label)
+        style = dict(fmt="o-" if len(part) > 1 else "s", capsize=3, label=label)
+        x = part.gamma + 0.08 * (i - (len(groups) - 1) / 2)  # side by side where cells share a γ
+        axes[0].errorbar(x, part.speedup, yerr=[part.speedup - part.speedup_min,
+                                                part.speedup_max - part.speedup], **style)
+        fid = part.fid_in_domain_corrected  # the bootstrap CI is the debiased estimate's (as in pareto.png)
+        axes[1].errorbar(x, fid, yerr=[(fid - part.fid_lower).clip(lower=0), (part.fid_upper - fid).clip(lower=0)],
+                         **style)
     van = frame[frame.method == "vanilla"]
     axes[0].axhline(1.0, color="grey", lw=0.8, ls="--", label="vanilla")
     if len(van):
         axes[1].axhline(float(van.fid_in_domain_corrected.iloc[0]), color="grey", lw=0.8, ls="--", label="vanilla")
-    axes[0].set(xlabel="γ (drafted tokens per round)", ylabel="speedup vs vanilla (batch 1)")
-    axes[1].set(xlabel="γ", ylabel="in-domain FID (debiased)")
+    axes[0].set(xlabel="γ (drafted tokens per round)", ylabel="speedup vs vanilla (batch 1)\nbars: range over seeds",
+                ylim=(0.0, max(1.0, float(frame.speedup_max.max())) * 1.1))
+    axes[1].set(xlabel="γ", ylabel="in-domain FID, debiased\nbars: 95% bootstrap CI")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     tmp = out_dir / ".cspd.tmp.png"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -473,10 +474,10 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ decode
     @inference_decode
     def decode(self, cond: torch.Tensor, generator: torch.Generator | None = None, *, max_rows: int | None = None,
-               valid: torch.Tensor | None = None) -> DecodeResult:
+               valid: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None) -> DecodeResult:
         """Generate the full token grid for each condition in ``cond`` ([B] labels), at most ``max_rows``
         images at a time (default all; see the module docstring). ``valid`` [B, cls] marks real condition
-        slots where conditions are padded."""
+        slots where conditions are padded. ``progress(tokens_done, tokens_total)`` is called after each round."""
         self.stats = RoundStats()
         total = cond.shape[0]
         b = total if max_rows is None else min(max_rows, total)
@@ -485,12 +486,13 @@ class SpeculativeEngine:
         images = torch.arange(b, device=self.device)  # the image each row decodes
         self._condition_padding(valid, images)
         try:
-            return self._decode(cond, images, generator, valid)
+            return self._decode(cond, images, generator, valid, progress)
         finally:
             if valid is not None:
                 self.target.set_condition_mask(None)
 
-    def _decode(self, cond: torch.Tensor, images: torch.Tensor, generator, valid: torch.Tensor | None) -> DecodeResult:
+    def _decode(self, cond: torch.Tensor, images: torch.Tensor, generator, valid: torch.Tensor | None,
+                progress: Callable[[int, int], None] | None) -> DecodeResult:
         start = time.perf_counter()
         b, total = images.numel(), cond.shape[0]
         streams = self._setup(cond[:b])
@@ -543,6 +545,8 @@ class SpeculativeEngine:
                 self.target.select_rows(stream_rows)
                 self.drafter.select_rows(stream_rows)
             self.stats.record_round(a, time.perf_counter() - round_start, computed_rows=live)
+            if progress is not None:  # finished images' tokens plus the live rows' committed ones
+                progress((queued - images.numel()) * n + int(m.clamp(max=n).sum()), total * n)
         seconds = time.perf_counter() - start
         stats = self.stats.summary(seconds=seconds, batch=b, tokens_per_image=n, images=total)
         arrays = {}

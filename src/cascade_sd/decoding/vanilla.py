@@ -76,8 +76,10 @@ def vanilla_decode(
     *,
     generator: torch.Generator | None = None,
     num_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DecodeResult:
-    """Sample ``num_tokens`` image tokens (default: the whole grid) for each condition in ``cond``."""
+    """Sample ``num_tokens`` image tokens (default: the whole grid) for each condition in ``cond``;
+    ``progress`` gets the tokens sampled so far (all rows) after every step."""
     cfg = model.config
     n = num_tokens if num_tokens is not None else cfg.block_size
     batch = cond.shape[0]
@@ -95,6 +97,8 @@ def vanilla_decode(
     for i in range(n):
         probs = target_law(out.logits[:, -1], params)
         tokens[:, i] = sample_from_law(probs, generator).to(device)
+        if progress is not None:
+            progress(batch * (i + 1))
         if i == n - 1:
             break
         tok = tokens[:, i : i + 1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,12 @@ def train_judge(
     max_seconds: float | None = None,
     augment: bool = True,
     weight_decay: float = 1e-4,
+    on_log: Callable[[int, dict], None] | None = None,
 ) -> tuple[Judge, dict[str, Any]]:
     """Train a judge on ``train`` and report its ``test`` accuracy; same seed + data → same weights on CPU.
 
-    ``max_seconds`` caps the wall time (the run then stops early and says so in the metrics).
+    ``max_seconds`` caps the wall time (the run then stops early and says so in the metrics);
+    ``on_log(step, {"loss": ...})`` is called after every step.
     """
     config.validate()
     check_range("judge.epochs", epochs, 0.0, lo_open=True)
@@ -106,6 +108,8 @@ def train_judge(
             loss_sum += float(loss.detach()) * y.shape[0]
             correct += int((logits.argmax(dim=1) == y).sum())
             seen += y.shape[0]
+            if on_log is not None:
+                on_log(step, {"loss": float(loss.detach())})
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     judge = judge.to(memory_format=torch.contiguous_format).eval()
     metrics = {
