@@ -20,6 +20,7 @@ the measured TV exceeds either bound beyond both intervals (``analysis.sequence_
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def audit_folder(folder: str | Path, tolerance: float = TOLERANCE) -> list[RunAu
             arrays = np.load(path)
             drift, bound, exact = arrays["drift"], arrays["drift_bound"], arrays["drift_exact"].astype(bool)
             paper, visited = arrays["drift_paper_bound"], arrays["drift_visited"]
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
             raise DataError(f"{path}: not a drift file ({err})") from None
         audits.append(audit_arrays(str(path.parent.relative_to(folder)) or ".", stats, drift, bound, exact, tolerance,
                                    paper, visited, sequence_tv.load([path.with_name("sequence.npz")])))

@@ -54,7 +54,7 @@ def test_next_token_law_matches_processing(bundle):
     [
         ({"tree": "tree-99"}, r"^tree='tree-99' is not a known preset"),
         ({"drafter": "medusa"}, r"^drafter='medusa' is not allowed; choose one of 'eagle', 'eagle3'$"),
-        ({"tree": "dynamic", "tree_top_k": 0}, r"^top_k=0 is out of range"),
+        ({"tree": "dynamic", "tree_top_k": 0}, r"^tree_top_k=0 is out of range"),
         ({"tree": "dynamic", "tree_top_k": 2, "depth": 0}, r"^depth=0 is out of range"),
         ({"tree": "dynamic", "tree_top_k": 2, "total_tokens": 1}, r"^total_tokens=1 is out of range"),
         ({"tree": "dynamic", "tree_top_k": 2, "depth": 2, "total_tokens": 50}, r"^total_tokens=50 is out of range"),

@@ -32,7 +32,7 @@ def _output_density(p: GaussianLaw, q: GaussianLaw, grid: torch.Tensor, temperat
     return accepted + reject * kept / torch.trapezoid(kept, dx=dx)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(mp=st.floats(-3, 3), mq=st.floats(-3, 3), sp=st.floats(0.2, 3), sq=st.floats(0.2, 3))
 def test_step_reproduces_p_on_a_grid(mp, mq, sp, sq):
     p, q = _law(mp, sp), _law(mq, sq)

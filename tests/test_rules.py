@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import law_pairs
@@ -43,9 +43,8 @@ ZERO = {
 
 
 def fast(n: int):
-    """Deterministic hypothesis settings for this module."""
-    return settings(max_examples=n, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    """``n`` examples per run under the session's seeded profile (tests/conftest.py)."""
+    return settings(max_examples=n)
 
 
 def codebook(vocab: int, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference_strict as ref
@@ -37,13 +37,8 @@ CTX = NodeContext(depth=1)
 
 
 def fast(n: int):
-    """Deterministic hypothesis settings for this module."""
-    return settings(
-        max_examples=n,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    """``n`` examples per run under the session's seeded profile (tests/conftest.py)."""
+    return settings(max_examples=n)
 
 
 STRICT = get_rule("strict")

@@ -93,7 +93,7 @@ def trees(draw):
     return children
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=25)
 @given(children=trees(), vocab=st.integers(2, 4), seed=st.integers(0, 10**6), sampled=st.booleans(),
        sparse=st.booleans())
 def test_tree_emission_completed_by_target_equals_joint_law(children, vocab, seed, sampled, sparse):

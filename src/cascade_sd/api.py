@@ -98,9 +98,7 @@ def load_bundle(spec: str | os.PathLike, *, device: str | torch.device = "cpu", 
     continuous bundle (``results/continuous``: autoencoder, target, draft; float32) for CSpD.
     """
     check_choice("model", model, ("discrete", "continuous"))
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is available; allowed here: 'cpu'")
+    device = parse_device(device)
     if model == "continuous":
         if dtype not in (None, "float32"):
             raise ConfigError(f"dtype={dtype!r} is not allowed for continuous models; allowed: 'float32'")
@@ -152,6 +150,42 @@ def _load_bundle(spec: str | os.PathLike, device: torch.device) -> Bundle:
 
         bundle.judge, _ = load_judge(folder / BUNDLE_FILES["judge"])
     return bundle
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device, or a one-line error (also when no GPU is present)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={str(device)!r} is not allowed; choose 'cpu', 'cuda' or 'cuda:N'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but no CUDA device is available; allowed here: 'cpu'")
+    return parsed
+
+
+def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, *, tree_top_k: int = defaults.TREE_TOP_K,
+                  depth: int = defaults.DEPTH, total_tokens: int | str = defaults.TOTAL_TOKENS,
+                  **rule_params: Any) -> None:
+    """Everything ``decode`` checks about a speculative setting (rule and parameters, tree, drafter), without
+    compute: benches validate all their settings with it before timing the first."""
+    check_choice("method", method, RULES)
+    rule = get_rule(method, **rule_params)
+    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
+    bundle.drafter(drafter)
+    make_tree(tree, tree_top_k=tree_top_k, depth=depth,
+              total_tokens=defaults.TOTAL_TOKENS if total_tokens == "auto" else total_tokens)
+
+
+def parse_total_tokens(text: str) -> int | str:
+    """``--total-tokens``: an integer (nodes including the root) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"total_tokens={text!r} is not allowed; give an integer >= 2 or 'auto'") from None
 
 
 def make_tree(tree: str | StaticTree, *, tree_top_k: int = defaults.TREE_TOP_K, depth: int = defaults.DEPTH,

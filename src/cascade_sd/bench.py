@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from cascade_sd import api
-from cascade_sd.acceptance import RULES, get_rule
+from cascade_sd.acceptance import RULES
 from cascade_sd.decoding.processing import SamplingParams
-from cascade_sd.errors import ConfigError, check_int
+from cascade_sd.errors import ConfigError, check_choice, check_int
 from cascade_sd.metrics.drift import paper_bound_cell
 from cascade_sd.progress import Progress
 
@@ -94,15 +94,18 @@ def run_bench(
     ``progress`` counts the settings measured."""
     check_int("waves", waves, 1)
     sampling = sampling or {}
-    SamplingParams(**sampling)  # validate before any compute
+    SamplingParams(**sampling)  # validate every setting before any compute
     drafters = list(drafters or bundle.drafters)
+    batch_sizes, trees = list(batch_sizes), list(trees)
+    for batch in batch_sizes:
+        check_int("batch_sizes", batch, 1)
     for name in drafters:
-        bundle.drafter(name)
+        for tree in trees:
+            api.check_setting(bundle, method, tree, name, **(tree_options or {}), **(rule_params or {}))
     device = next(bundle.target.parameters()).device
     n_tokens = bundle.target.config.block_size
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
-    batch_sizes, trees = list(batch_sizes), list(trees)
     if progress is not None:
         progress.total = len(batch_sizes) * len(drafters) * len(trees)
     for batch in batch_sizes:
@@ -172,6 +175,8 @@ def rule_settings(rules: Iterable[str] | None = None, *, defaults_only: bool = F
     if defaults_only and sweep_only:
         raise ConfigError("defaults_only and sweep_only exclude each other; choose one")
     names = list(rules) if rules else [n for n in RULES if not (tree == "dynamic" and RULES[n].static_tree_only)]
+    for name in names:
+        check_choice("rules", name, RULES)
     part = slice(0, 1) if defaults_only else slice(1, None) if sweep_only else slice(None)
     return [(name, dict(setting)) for name in names for setting in RULES[name].sweep[part]]
 
@@ -220,8 +225,8 @@ def run_rule_bench(
     sampling, tree_options = sampling or {}, tree_options or {}
     SamplingParams(**sampling)
     settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only, sweep_only=sweep_only, tree=tree)
-    for name, params in settings[1:]:
-        get_rule(name, **params)  # validate every setting before any compute
+    for name, params in settings[1:]:  # validate every setting before any compute
+        api.check_setting(bundle, name, tree, drafter, **tree_options, **params)
     bundle.drafter(drafter)
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []

@@ -237,10 +237,24 @@ def _parse_labels(labels: Optional[str], per_class: Optional[int], classes: int)
         raise CascadeError("give either --labels or --per-class, not both")
     if labels:
         try:
-            return [int(x) for x in labels.split(",") if x.strip()]
+            parsed = [int(x) for x in labels.split(",") if x.strip()]
         except ValueError:
             raise CascadeError(f"labels={labels!r} is not a comma-separated list of integers") from None
+        if not parsed:
+            raise CascadeError(f"labels={labels!r} holds no class label; give comma-separated integers")
+        return parsed
     return [c for c in range(classes) for _ in range(per_class or 1)]
+
+
+def _int_list(field: str, text: str) -> list[int]:
+    """A comma-separated list of integers (``--batch-sizes 1,16``), or a one-line error naming ``field``."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise CascadeError(f"{field}={text!r} is not a comma-separated list of integers")
+    return values
 
 
 RULE_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -304,7 +318,7 @@ def decode_cmd(
 
     from cascade_sd import api
     from cascade_sd.errors import check_choice
-    from cascade_sd.io import atomic_savez, atomic_write_json
+    from cascade_sd.io import atomic_folder, atomic_savez, atomic_write_json, check_output_dir
     from cascade_sd.progress import Progress
 
     check_choice("model", model, ("discrete", "continuous"))
@@ -314,26 +328,27 @@ def decode_cmd(
         return decode_continuous_cmd(ctx.args, bundle=bundle, out_dir=out_dir, method=method, seed=seed,
                                      labels=labels, per_class=per_class, temperature=temperature,
                                      cfg_scale=cfg_scale, device=device, dtype=dtype)
+    total = api.parse_total_tokens(total_tokens)
+    rule_params = _rule_flags(ctx.args, method)
     b = api.load_bundle(bundle, device=device, dtype=dtype)
     cond, lab = _conditions(b, labels, per_class, captions)
-    total = total_tokens if total_tokens == "auto" else int(total_tokens)
-    rule_params = _rule_flags(ctx.args, method)
+    check_output_dir("out_dir", out_dir)
     with Progress(f"decode {method}", len(lab), "images") as line:
         res = api.decode(b, cond, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth,
                          total_tokens=total, record_drift=record_drift, drift_draws=drift_draws, drift_rows=drift_rows,
                          progress=lambda done, all_: line.update(done * len(lab) // all_), **rule_params)
     res.stats["seed"] = seed
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_savez(out_dir / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
-    if b.tokenizer is not None:
-        from cascade_sd.imaging import save_grid
-        from cascade_sd.jobs import decode_to_images
+    with atomic_folder(out_dir) as folder:  # all or nothing: a killed command leaves no partial folder
+        atomic_savez(folder / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
+        if b.tokenizer is not None:
+            from cascade_sd.imaging import save_grid
+            from cascade_sd.jobs import decode_to_images
 
-        save_grid(decode_to_images(b.tokenizer, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(lab), 10))
-    if record_drift:
-        atomic_savez(out_dir / "drift.npz", **res.arrays)
-    atomic_write_json(out_dir / "stats.json", res.stats)
+            save_grid(decode_to_images(b.tokenizer, res.tokens.cpu()), folder / "grid.png", nrow=min(len(lab), 10))
+        if record_drift:
+            atomic_savez(folder / "drift.npz", **res.arrays)
+        atomic_write_json(folder / "stats.json", res.stats)
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))
 
 
@@ -460,11 +475,10 @@ def bench_cmd(
     with Progress("bench", None, "settings") as line:
         line.echo(TABLE_HEAD)
         run_bench(
-            b, batch_sizes=[int(x) for x in batch_sizes.split(",")], trees=trees.split(","),
+            b, batch_sizes=_int_list("batch_sizes", batch_sizes), trees=trees.split(","),
             drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, waves=waves, seed=seed,
             sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
-            tree_options={"tree_top_k": tree_top_k, "depth": depth,
-                          "total_tokens": total_tokens if total_tokens == "auto" else int(total_tokens)},
+            tree_options={"tree_top_k": tree_top_k, "depth": depth, "total_tokens": api.parse_total_tokens(total_tokens)},
             rule_params=rule_params, on_row=show, progress=line,
         )
 
@@ -606,13 +620,41 @@ def doctor(config: Optional[Path] = ConfigOpt,
         raise typer.Exit(1)
 
 
-def main() -> None:
-    """Entry point: run the app, turning package errors into one-line messages (exit 2)."""
+def usage_error_line(exc: Exception) -> str:
+    """A usage error (bad value, missing or unknown option) as one line naming the option."""
+    message = " ".join(exc.format_message().split())  # click wraps long messages
+    command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "cascade-sd"
+    return f"error: {command}: {message} (see {command} --help)"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` and return its exit code. User errors (the package's checks and
+    the parser's usage errors alike) print one line on stderr and return 2, before any compute."""
+    # typer vendors click: its usage errors live in typer._click (pinned by the lock).
+    from typer._click import exceptions as parser
+
     try:
-        app()
+        code = app(args=argv, prog_name="cascade-sd", standalone_mode=False)
     except CascadeError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        return 2
+    except parser.NoArgsIsHelpError as exc:  # a bare command group: its help, as click prints it
+        exc.show()
+        return exc.exit_code
+    except parser.UsageError as exc:
+        typer.echo(usage_error_line(exc), err=True)
+        return 2
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    except typer.Exit as exc:
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Entry point: ``run`` on the process's arguments."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

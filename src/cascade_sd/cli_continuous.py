@@ -121,15 +121,16 @@ def decode_continuous_cmd(args: list[str], *, bundle: str, out_dir: Path, method
     from cascade_sd.continuous.train import decode_latents
     from cascade_sd.cli import _parse_labels
     from cascade_sd.imaging import save_grid
-    from cascade_sd.io import atomic_savez, atomic_write_json
+    from cascade_sd.io import atomic_folder, atomic_savez, atomic_write_json, check_output_dir
 
     flags = cspd_flags(args)
     b = api.load_bundle(bundle, device=device, dtype=dtype, model="continuous")
     labels = _parse_labels(labels, per_class, b.target.config.num_classes)
+    check_output_dir("out_dir", out_dir)
     res = api.decode(b, labels, method=method, seed=seed, temperature=temperature, cfg_scale=cfg_scale, **flags)
     res.stats["seed"] = seed
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_savez(out_dir / "latents.npz", latents=res.tokens.cpu().numpy(), labels=np.asarray(labels))
-    save_grid(decode_latents(b.autoencoder, res.tokens.cpu()), out_dir / "grid.png", nrow=min(len(labels), 10))
-    atomic_write_json(out_dir / "stats.json", res.stats)
+    with atomic_folder(out_dir) as folder:  # all or nothing, as the discrete decode folder
+        atomic_savez(folder / "latents.npz", latents=res.tokens.cpu().numpy(), labels=np.asarray(labels))
+        save_grid(decode_latents(b.autoencoder, res.tokens.cpu()), folder / "grid.png", nrow=min(len(labels), 10))
+        atomic_write_json(folder / "stats.json", res.stats)
     typer.echo(json.dumps({k: v for k, v in res.stats.items() if k != "accept_histogram"}))

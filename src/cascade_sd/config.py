@@ -7,6 +7,7 @@ compute with one line naming the field, the value and what is allowed (DESIGN 11
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     value = copy.deepcopy(config or {})
     if not isinstance(value, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(value).__name__}")
+    _check_finite(value)
     _fill_defaults(schema, value)
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
     if errors:
@@ -73,6 +75,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
     check_decode(value)
     return value
+
+
+def _check_finite(value: Any, field: str = "") -> None:
+    """YAML reads .nan and .inf as numbers the schema's bounds let through: reject them by name."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _check_finite(sub, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            _check_finite(sub, f"{field}.{i}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config: {field}={value!r} is not a finite number")
 
 
 def _check_models(models: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class CascadeError(Exception):
     """Base class: every user-facing error of the package (the CLI prints it as one line)."""
@@ -42,15 +44,21 @@ def check_range(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> None:
-    """Raise ConfigError unless ``lo <= value <= hi`` (bounds optional, open or closed)."""
+    """Raise ConfigError unless ``value`` is finite and ``lo <= value <= hi`` (bounds optional, open or
+    closed): an infinite or NaN setting is never meaningful and would otherwise decode garbage."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} is not a finite number; allowed {_interval(lo, hi, lo_open, hi_open)}")
     bad = (
         (lo is not None and (value < lo or (lo_open and value == lo)))
         or (hi is not None and (value > hi or (hi_open and value == hi)))
         or value != value  # NaN
     )
     if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ConfigError(f"{field}={value!r} is out of range; allowed {left}{lo_s}, {hi_s}{right}")
+        raise ConfigError(f"{field}={value!r} is out of range; allowed {_interval(lo, hi, lo_open, hi_open)}")
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """``[lo, hi]`` with open ends as parentheses and a missing bound as ±inf."""
+    lo_s = "-inf" if lo is None else f"{lo:g}"
+    hi_s = "inf" if hi is None else f"{hi:g}"
+    return f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cascade_sd.acceptance import get_rule
-from cascade_sd.errors import ConfigError
+from cascade_sd.errors import ConfigError, DataError
 from cascade_sd.metrics.drift import paper_bound_stats
 
 NONE = "none"
@@ -284,8 +284,11 @@ def _add_hist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def load_cell_stats(folder: Path) -> dict[str, Any]:
-    """stats.json of one finished grid job."""
-    return json.loads((folder / "stats.json").read_text())
+    """stats.json of one finished grid job: written last, so a folder without it is unfinished."""
+    path = folder / "stats.json"
+    if not path.is_file():
+        raise DataError(f"cell folder {str(folder)!r} has no stats.json: its decode did not finish; rerun it")
+    return json.loads(path.read_text())
 
 
 def reference_features_job(config: dict[str, Any], judge_path: Path, out: Path) -> dict[str, Any]:

@@ -1,13 +1,18 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename (DESIGN 11)."""
+"""Atomic output: a file is written to a temporary file in its folder, then renamed (DESIGN 11); a
+decode folder is written to a temporary folder beside it, then renamed (``atomic_folder``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from cascade_sd.errors import ConfigError
 
 import numpy as np
 import torch
@@ -78,3 +83,45 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_output_dir(field: str, path: str | os.PathLike) -> Path:
+    """A folder a command will create or replace, checked before any compute: the path is a folder if it
+    exists, and its nearest existing parent is a folder where a folder can be created (probed)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}={str(path)!r} exists and is not a folder; give a folder path")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field}={str(path)!r} lies under the file {str(parent)!r}; give a folder path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cascade-sd-probe-", dir=parent))
+    except OSError as err:
+        raise ConfigError(f"{field}={str(path)!r} cannot be written in {str(parent)!r} ({err.strerror}); "
+                          "give a writable folder") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``path``; when the block ends without error it replaces
+    ``path`` by rename. A command killed at any point leaves the old folder (or none), never part of
+    the new one; a failed block leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # an empty folder is replaced by rename
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

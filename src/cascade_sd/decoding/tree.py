@@ -74,7 +74,8 @@ class StaticTree:
         chain = re.fullmatch(r"chain-(\d+)", name)
         if chain:
             n = int(chain.group(1))
-            check_range("tree chain length", n, 1)
+            if n < 1:
+                raise ConfigError(f"tree={name!r}: chain length {n} is out of range; allowed [1, inf]")
             return cls(tuple((0,) * d for d in range(1, n + 1)), name)
         if name == "tree-25":
             return cls(tuple(geometric_rank_paths(25, 0.55)), name)
@@ -122,7 +123,7 @@ class DynamicTreeSpec:
     total_tokens: int = 60
 
     def __post_init__(self) -> None:
-        check_range("top_k", self.top_k, 1, 64)
+        check_range("tree_top_k", self.top_k, 1, 64)  # the user-facing name of this field
         check_range("depth", self.depth, 1, 32)
         check_range("total_tokens", self.total_tokens, 2, self.candidates + 1)
 
