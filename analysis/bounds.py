@@ -248,3 +248,25 @@ def check_declared_bound(name: str, params: dict | None = None, *, vocab: int = 
         tv = 0.5 * float((law - p).abs().sum())
         worst, largest = max(worst, tv - bound), max(largest, tv)
     return BoundCheck(worst_excess=worst, largest_tv=largest)
+
+
+def check_bound_tightness(form: ClosedForm, *, vocab: int = 6, count: int = 200, seed: int = 0) -> tuple[float, float]:
+    """How tight the rule's *declared* bound is in the closed form's setting: (largest |declared − exact TV|
+    over the instances where the closed form says the bound is attained, largest exact TV − declared).
+    An "equals" form is attained everywhere; an "at most" form (bounded CASCADE's ε) where the cap binds,
+    i.e. where the exact TV reaches the expression. A declared bound that is too loose (doubled, say)
+    fails the first number; one that is too tight fails the second."""
+    rule = _bound_rule(form.rule, form.params, vocab, seed)
+    gap, excess, attained = 0.0, -1.0, 0
+    for p, q in _instances(vocab, count, seed):
+        ctx = firing_context(rule, p, form.n_candidates)
+        law = induced_law(rule, p, q, n_candidates=form.n_candidates, sampled=form.sampled, context=ctx)
+        tv = 0.5 * float((law - p).abs().sum())
+        declared = float(rule.tv_bound(p[None], q[None], ctx, sampled=form.sampled)[0])
+        value = _lantern_value(p, q, form.params, rule) if form.rule == "lantern" else form.value(p, q, form.params)
+        excess = max(excess, tv - declared)
+        if form.relation == "equals" or abs(tv - value) <= 1e-12:
+            gap, attained = max(gap, abs(declared - tv)), attained + 1
+    if attained == 0:
+        raise AssertionError(f"{form.rule}: no instance attains the closed form; the tightness check saw nothing")
+    return gap, excess

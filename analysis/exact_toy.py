@@ -44,6 +44,7 @@ class JointLaw:
     law: dict[tuple[int, ...], float]
     hybrid_bound: float
     node_drift_sum: float
+    node_drift_by_position: list[float]  # E[TV of the node emitting position t], t = 0..n−1
 
     def tv(self, other: dict[tuple[int, ...], float]) -> float:
         """Exact TV distance to another sequence law."""
@@ -118,12 +119,12 @@ def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.T
 
 
 def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
-          ) -> tuple[list[tuple[tuple[int, ...], float]], list[tuple[int, float, torch.Tensor]]]:
+          ) -> tuple[list[tuple[tuple[int, ...], float]], list[tuple[int, int, float, torch.Tensor]]]:
     """Enumerated walk of one realised tree (mirrors ``walk_tree``): its (emitted block, probability)
-    outcomes, and every verified node with the probability the walk verifies it and the law it emits
-    there given this realisation."""
+    outcomes, and every verified node with its walk depth (it emits block position depth − 1), the
+    probability the walk verifies it and the law it emits there given this realisation."""
     outcomes: list[tuple[tuple[int, ...], float]] = []
-    visits: list[tuple[int, float, torch.Tensor]] = []
+    visits: list[tuple[int, int, float, torch.Tensor]] = []
     q = tree.q[0]
 
     def rec(node: int, depth: int, accepted: int, emitted: tuple[int, ...], prob: float) -> None:
@@ -158,27 +159,31 @@ def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
             emits += weight * law
             for y in torch.nonzero(law > 0).squeeze(-1).tolist():
                 outcomes.append((emitted + (y,), prob * weight * float(law[y])))
-        visits.append((node, prob, emits))
+        visits.append((node, depth, prob, emits))
 
     rec(0, 1, 0, (), 1.0)
     return outcomes, visits
 
 
-def _round_drift(found: list, walks: list, descendants: list[set[int]] | None) -> float:
-    """E[Σ over the round's verified nodes of TV(node law, p)]: node laws averaged over the draws of
-    each node's subtree given the rest of the realisation (``descendants`` of every node; None for a
-    dynamic tree, whose only realisation is the draft)."""
+def _round_drift(found: list, walks: list, descendants: list[set[int]] | None) -> dict[int, float]:
+    """E[Σ over the round's verified nodes at walk depth d of TV(node law, p)] per depth d: node laws
+    averaged over the draws of each node's subtree given the rest of the realisation (``descendants``
+    of every node; None for a dynamic tree, whose only realisation is the draft)."""
     groups: dict[tuple, list] = {}
     for (drafted, p, _, _, weight, forced), (_, visits) in zip(found, walks):
-        for node, reach, emits in visits:
+        for node, depth, reach, emits in visits:
             rest = () if descendants is None else tuple(
                 int(t) for i, t in enumerate(forced[0].tolist()) if i not in descendants[node])
-            group = groups.setdefault((node, rest), [reach, 0.0, torch.zeros_like(emits), p[0, node].double()])
-            if abs(group[0] - reach) > 1e-9:  # the walk reaches a node whatever its own subtree holds
-                raise AssertionError(f"reach of node {node} depends on its subtree draws: {group[0]} vs {reach}")
-            group[1] += weight
-            group[2] += weight * emits
-    return sum(reach * mass * float(tv_distance(acc / mass, pn)) for reach, mass, acc, pn in groups.values() if mass > 0)
+            group = groups.setdefault((node, rest), [depth, reach, 0.0, torch.zeros_like(emits), p[0, node].double()])
+            if abs(group[1] - reach) > 1e-9:  # the walk reaches a node whatever its own subtree holds
+                raise AssertionError(f"reach of node {node} depends on its subtree draws: {group[1]} vs {reach}")
+            group[2] += weight
+            group[3] += weight * emits
+    by_depth: dict[int, float] = {}
+    for depth, reach, mass, acc, pn in groups.values():
+        if mass > 0:
+            by_depth[depth] = by_depth.get(depth, 0.0) + reach * mass * float(tv_distance(acc / mass, pn))
+    return by_depth
 
 
 def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", tree: str | StaticTree = "chain-2",
@@ -220,13 +225,14 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
         return rounds[prefix]
 
     law: dict[tuple[int, ...], float] = {}
-    expected = 0.0
+    by_position = [0.0] * n
     frontier = {(y,): float(first[y]) for y in torch.nonzero(first > 0).squeeze(-1).tolist()}
     while frontier:
         nxt: dict[tuple[int, ...], float] = {}
         for prefix, prob in frontier.items():
             blocks, drift = block_law(prefix)
-            expected += prob * drift
+            for depth, value in drift.items():  # a node at walk depth d emits position len(prefix) + d − 1
+                by_position[len(prefix) + depth - 1] += prob * value
             for block, p_block in blocks:
                 seq = prefix + block
                 target = law if len(seq) >= n else nxt
@@ -234,7 +240,8 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
         frontier = nxt
     conditionals = target_conditionals(bundle, label, temperature=temperature, top_k=top_k, top_p=top_p,
                                        cfg_scale=cfg_scale)
-    return JointLaw(law=law, hybrid_bound=hybrid_bound(law, conditionals), node_drift_sum=expected)
+    return JointLaw(law=law, hybrid_bound=hybrid_bound(law, conditionals), node_drift_sum=sum(by_position),
+                    node_drift_by_position=by_position)
 
 
 def target_conditionals(bundle: api.Bundle, label: int, *, temperature: float = 1.0, top_k: int = 0,

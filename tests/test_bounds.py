@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.bounds import CLOSED_FORMS, check_declared_bound, check_numeric
+from analysis.bounds import CLOSED_FORMS, check_bound_tightness, check_declared_bound, check_numeric
 from cascade_sd.acceptance import RULES, register
 from cascade_sd.acceptance.registry import RULES as REGISTRY
 from cascade_sd.acceptance.strict import StrictRule
@@ -16,6 +16,23 @@ def test_closed_form_is_derived_and_matches_the_induced_laws(name):
     form = CLOSED_FORMS[name]
     assert form.derive() >= 3  # feasible cases proved symbolically
     assert check_numeric(form) <= 1e-12
+
+
+@pytest.mark.parametrize("name", list(CLOSED_FORMS))
+def test_declared_bound_is_tight_where_the_closed_form_is_attained(name):
+    """An upper bound can only fail by being too small; this checks the other side: where the closed
+    form is attained, the declared bound equals the exact TV (a doubled bound fails here)."""
+    gap, excess = check_bound_tightness(CLOSED_FORMS[name])
+    assert gap <= 1e-12 and excess <= 1e-12, (gap, excess)
+
+
+def test_a_loose_bound_is_caught_by_the_tightness_check(monkeypatch):
+    """Mutation: COOL-SD declaring twice its bound still holds as an upper bound; only tightness sees it."""
+    declared = RULES["coolsd"].tv_bound
+    monkeypatch.setattr(RULES["coolsd"], "tv_bound", lambda self, *args, **kwargs: 2 * declared(self, *args, **kwargs))
+    assert check_declared_bound("coolsd", FIRING["coolsd"]).worst_excess <= 1e-12  # still an upper bound
+    gap, excess = check_bound_tightness(CLOSED_FORMS["coolsd"])
+    assert excess <= 1e-12 and gap > 0.01
 
 
 #: Rules whose declared bound is checked with the relaxation biting: the largest exact TV seen must

@@ -123,3 +123,23 @@ def test_longer_sequences_and_a_static_tree_keep_the_bounds():
         joint = exact_joint_law(bundle, 1, method=method, tree=SMALL_TREE, cfg_scale=2.0, **RELAXED[method])
         assert joint.tv(target) <= joint.hybrid_bound + 1e-12
         assert joint.tv(target) > 1e-3  # the relaxation shows at this length
+
+
+@pytest.mark.parametrize("method,tree", [
+    pytest.param("coolsd", "chain-2", id="coolsd-chain-2"), pytest.param("lantern", "dynamic", id="lantern-dynamic"),
+    pytest.param("cascade_bounded", SMALL_TREE, id="cascade_bounded-small", marks=pytest.mark.slow)])
+def test_recorded_drift_sits_at_the_exact_position(method, tree):
+    """Position by position, the recorded drift's mean over images equals the exact expected TV of the node
+    that emits that position (4.5 standard errors; 0 exactly where no node is verified: position 0 comes
+    from the prefill and the last position only ever holds a bonus). A drift recorded one position late
+    moves every value one column right and fails here even when the total is right."""
+    bundle = as_float64(api.load_bundle("toy:vocab=4,len=4,seed=2"))
+    shape = {"tree_top_k": 2, "depth": 2, "total_tokens": 4} if tree == "dynamic" else {}
+    joint = exact_joint_law(bundle, 1, method=method, tree=tree, cfg_scale=2.0, **shape, **RELAXED[method])
+    res = api.decode(bundle, [1] * 500, method=method, tree=tree, cfg_scale=2.0, seed=5, record_drift=True,
+                     drift_rows=500, **shape, **RELAXED[method])
+    drift, exact = res.arrays["drift"], np.asarray(joint.node_drift_by_position)
+    assert exact[0] == 0.0 and exact[-1] == 0.0 and (exact[1:-1] > 0).all() and exact.max() > 0.02, exact
+    assert np.isclose(exact.sum(), joint.node_drift_sum)
+    se = drift.std(0, ddof=1) / np.sqrt(len(drift))
+    assert (np.abs(drift.mean(0) - exact) <= 4.5 * se + 1e-9).all(), (drift.mean(0), exact, se)

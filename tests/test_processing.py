@@ -142,3 +142,20 @@ def test_draw_without_replacement_runs_out_past_the_support(k):
     assert exists[1].tolist() == [True] * min(k, 4) + [False] * (k - min(k, 4))
     assert sorted(tokens[0, :2].tolist()) == [1, 3] and len(set(tokens[1, : min(k, 4)].tolist())) == min(k, 4)
     assert bool((tokens >= 0).all() & (tokens < 4).all())
+
+
+def test_the_target_law_is_guided_as_llamagen_samples_computed_by_hand():
+    """p from the package (the law every engine and exactness test uses) against CFG done here by hand on
+    the model's two raw outputs: softmax(u + s·(c − u)), u the null condition's logits (LlamaGen's
+    sampling). An independent reference: a wrong guidance formula cannot agree with itself here."""
+    from cascade_sd import api
+
+    bundle = api.load_bundle("toy:vocab=7,len=12,seed=0")
+    target, prefix, scale = bundle.target, torch.tensor([[3, 5, 1]]), 2.5
+    label = torch.tensor([1])
+    with torch.no_grad():
+        c = target(label, prefix).logits[0, -1].double()
+        u = target(target.null_condition(label), prefix).logits[0, -1].double()
+    by_hand = torch.softmax(u + scale * (c - u), dim=-1)
+    package = api.next_token_law(bundle, [1], prefix, cfg_scale=scale)[0]
+    assert torch.allclose(package, by_hand, atol=1e-6) and (package - torch.softmax(c, -1)).abs().max() > 1e-3

@@ -254,6 +254,8 @@ def test_coolsd_one_node_tv_matches_the_closed_form(pair, delta, depth):
     else:
         closed = 0.0  # ω < 1 is lossless
     assert tv(law, p) == pytest.approx(closed, abs=1e-12)
+    declared = float(rule.tv_bound(p[None], q[None], NodeContext(depth=depth), sampled=True)[0])
+    assert declared == pytest.approx(closed, abs=1e-12)  # one sibling: the declared bound is this TV, not more
 
 
 def _cascade_ctx(children, boosts, partners, vocab=3) -> NodeContext:

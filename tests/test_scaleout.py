@@ -104,10 +104,12 @@ def test_workflow_logs_to_a_postgres_backed_mlflow_server(mlflow_server, ci_work
     exp = mlflow.get_experiment_by_name("cascade-sd-test")
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list")
     parent = [r for r in runs if r.data.tags.get("cascade_sd.role") == "parent"]
+    stages = {r.info.run_id: r for r in runs if r.data.tags.get("cascade_sd.role") == "stage"}
     children = [r for r in runs if "cascade_sd.job" in r.data.tags]
-    assert len(parent) == 1
-    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in children)
-    assert all(r.info.status == "FINISHED" for r in children)
+    assert len(parent) == 1 and all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in stages.values())
+    assert all(stages[r.data.tags["mlflow.parentRunId"]].data.tags["cascade_sd.stage"] == r.data.tags["cascade_sd.stage"]
+               for r in children)  # every job under its stage's run
+    assert all(r.info.status == "FINISHED" for r in [*parent, *stages.values(), *children])  # the end hook ran
     jobs = {r.data.tags["cascade_sd.job"] for r in children}
     assert {"train_target", "train_drafter_eagle_rw2", "train_continuous_draft", "grid_reference"} <= jobs
     decodes = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string="tags.`cascade_sd.job` LIKE 'decode %'")
