@@ -48,16 +48,20 @@ def bundle(seed: int, vocab: int = 3, length: int = 4):
     return target, drafter
 
 
+# The fixture's sampling settings; test_the_sampled_law_test_has_power_against_verification_bugs checks that
+# each gives the chi-square test its stated power against real verification bugs.
+SAMPLED_LAW_PARAMS = [SamplingParams(cfg_scale=2.0, top_k=2), SamplingParams(cfg_scale=1.5, top_p=0.8, temperature=1.3)]
+SAMPLES = 150_000  # 60 000 left a 2% optimistic ratio undetected with probability 0.36
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("tree", list(LAW_TREES))
-@pytest.mark.parametrize(
-    "params", [SamplingParams(cfg_scale=2.0, top_k=2), SamplingParams(cfg_scale=1.5, top_p=0.8, temperature=1.3)],
-    ids=["cfg-topk", "cfg-topp-temp"],
-)
+@pytest.mark.parametrize("params", SAMPLED_LAW_PARAMS, ids=["cfg-topk", "cfg-topp-temp"])
 def test_strict_decode_samples_the_exact_joint_law(tree, params):
-    """Chi-square against the enumerated joint law. With n = 60 000 samples over ≤ 81 cells, a
-    deviation of TV = 0.02 has noncentrality ≥ n·(2·TV)² = 96 (Cauchy–Schwarz), so it is caught
-    at level 1e-3 with probability > 0.99; the seed makes the test deterministic."""
+    """Chi-square against the enumerated joint law, n = SAMPLES at level 1e-3: for every tree and setting
+    here the test fails a strict rule with a 2% optimistic acceptance ratio (TV ≈ 0.009) or a residual
+    read as p with probability ≥ 0.99 (test_the_sampled_law_test_has_power_against_verification_bugs
+    computes it from the mutants' exact laws); the seed makes the test deterministic."""
     _check_sampled_law(tree, params)
 
 
@@ -74,7 +78,7 @@ def test_continuous_batching_samples_the_exact_joint_law(tree):
 def _check_sampled_law(tree: str, params: SamplingParams, max_rows: int | None = None):
     target, drafter = bundle(seed=3)
     law = exact_joint(target, 1, params)
-    n = 60_000
+    n = SAMPLES
     engine = SpeculativeEngine(target, drafter, get_rule("strict"), LAW_TREES[tree], params)
     res = engine.decode(torch.ones(n, dtype=torch.long), torch.Generator().manual_seed(0), max_rows=max_rows)
     hist = res.stats["accept_histogram"]
@@ -223,3 +227,54 @@ def test_statistics_are_consistent():
     assert s["padding_fraction"] == 0 and 0 <= s["engine_overhead_fraction"] <= 1
     assert 1 <= s["mean_rows_per_round"] <= 4 and s["full_batch_round_model_seconds"] > 0
 
+
+
+class _ResidualIsP(get_rule("strict").__class__):
+    """Mutation: after a rejection the next sibling and the bonus read p, not the residual norm((p − q)+)."""
+
+    name = "mutant_residual_is_p"
+
+    def reject(self, state, x, ctx):
+        from cascade_sd.acceptance.base import NodeState, remove_token
+
+        return NodeState(p=state.p, q=None if state.q is None else remove_token(state.q, x))
+
+    def bonus_after_reject(self, state, x, ctx):
+        return state.p
+
+
+class _Accept102(get_rule("strict").__class__):
+    """Mutation: acceptance min(1, 1.02·p/q), a 2% optimistic ratio."""
+
+    name = "mutant_accept_102"
+
+    def accept_prob(self, state, x, ctx):
+        return (1.02 * super().accept_prob(state, x, ctx)).clamp(max=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", [_ResidualIsP, _Accept102], ids=["residual-is-p", "accept-x1.02"])
+@pytest.mark.parametrize("tree", list(LAW_TREES))
+def test_the_sampled_law_test_has_power_against_verification_bugs(mutant, tree, monkeypatch):
+    """The chi-square fixture above must see each kind of verification bug: for every mutation, the exact
+    law of the mutated sampler on the fixture (analysis/exact_toy) moves the chi-square noncentrality
+    λ = n·Σ (p_mut − p)²/p enough that the test (level 1e-3, n = SAMPLES) fails it with probability ≥ 0.99,
+    for every sampling setting of the fixture."""
+    from analysis.exact_toy import exact_joint_law
+    from cascade_sd import api
+    from cascade_sd.acceptance.registry import RULES as REGISTRY
+
+    monkeypatch.setitem(REGISTRY, mutant.name, mutant)
+    target, drafter = bundle(seed=3)
+    toy = api.Bundle(name="fixture", target=target.double(), target_hash="fixture", drafters={"oracle": drafter.double()})
+    shape = {"tree_top_k": 2, "depth": 3, "total_tokens": 6} if tree == "dynamic" else {}
+    for params in SAMPLED_LAW_PARAMS:
+        sampling = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+        law = exact_joint(target, 1, params)
+        moved = exact_joint_law(toy, 1, method=mutant.name, tree=tree if tree == "dynamic" else LAW_TREES[tree],
+                                drafter="oracle", **shape, **sampling).law
+        cells = [s for s in law if law[s] > 0]
+        lam = SAMPLES * sum((moved.get(s, 0.0) - law[s]) ** 2 / law[s] for s in cells)
+        df = len(cells) - 1
+        power = stats.ncx2.sf(stats.chi2.isf(1e-3, df), df, lam)
+        assert power >= 0.99, (params, lam, power, 0.5 * sum(abs(moved.get(s, 0.0) - law[s]) for s in cells))

@@ -137,10 +137,10 @@ def run_bench(
                     "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
                     "accept_histogram": s["accept_histogram"],
                 })
-                if on_row is not None:
-                    on_row(batch_rows[-1])
                 if progress is not None:
                     progress.update(progress.done + 1)
+                if on_row is not None:
+                    on_row(batch_rows[-1])
         t_van = statistics.median(all_vanilla) if all_vanilla else _timed(vanilla, device)[0]
         rows.append({"batch": batch, "images": images, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
                      "seconds": t_van, "tokens_per_second": images * n_tokens / t_van, "speedup": 1.0})
@@ -148,6 +148,11 @@ def run_bench(
             on_row(rows[-1])
         rows += batch_rows
     return rows
+
+
+def _cell(value: float | None) -> str:
+    """A ratio to two decimals, or – where it does not apply (vanilla's predicted speedup)."""
+    return "–" if value is None else f"{value:.2f}"
 
 
 TABLE_HEAD = ("| batch | images | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred "
@@ -161,8 +166,8 @@ def format_table(rows: list[dict[str, Any]], *, head: bool = True) -> str:
         lines.append(
             f"| {r['batch']} | {r['images']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} "
             f"| {r['tokens_per_second']:.0f} "
-            f"| {r['speedup']:.2f} | {r.get('predicted_speedup', float('nan')):.2f} "
-            f"| {r.get('achieved_over_predicted', float('nan')):.2f} | {r.get('engine_overhead_fraction', 0):.1%} "
+            f"| {r['speedup']:.2f} | {_cell(r.get('predicted_speedup'))} "
+            f"| {_cell(r.get('achieved_over_predicted'))} | {r.get('engine_overhead_fraction', 0):.1%} "
             f"| {r.get('mean_rows_per_round', r['batch']):.1f} | {r.get('padding_fraction', 0):.1%} |"
         )
     return "\n".join(lines)

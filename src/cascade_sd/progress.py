@@ -75,7 +75,8 @@ class Progress:
     def close(self) -> None:
         """Draw the last state and end the line (only if anything was drawn)."""
         if self.show and (self._pending or self._width):
-            self._draw(time.perf_counter())
+            if self._pending:  # the last state was not drawn yet
+                self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
         self.show = False
