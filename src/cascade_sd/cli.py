@@ -41,6 +41,9 @@ TemperatureOpt = typer.Option(defaults.TEMPERATURE, help="softmax temperature")
 TopKOpt = typer.Option(defaults.TOP_K, help="keep the k most likely tokens (0 = off)")
 TopPOpt = typer.Option(defaults.TOP_P, help="nucleus mass (1 = off)")
 CfgOpt = typer.Option(defaults.CFG_SCALE, help="classifier-free guidance scale (1 = off; 3 as LlamaGen and the workflow)")
+TreeTopKOpt = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node")
+DepthOpt = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth")
+TotalTokensOpt = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'")
 
 
 def _config(path: Optional[Path], **sample_overrides: Any) -> dict[str, Any]:
@@ -304,9 +307,9 @@ def decode_cmd(
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
     cfg_scale: float = CfgOpt,
-    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
-    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
-    total_tokens: str = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'"),
+    tree_top_k: int = TreeTopKOpt,
+    depth: int = DepthOpt,
+    total_tokens: str = TotalTokensOpt,
     record_drift: bool = typer.Option(False, help="record exact per-node drift (drift.npz) for `cascade-sd audit`"),
     drift_draws: int = typer.Option(256, min=1, help="Monte-Carlo draws for nodes with several sampled children"),
     drift_rows: Optional[int] = typer.Option(None, min=1, help="record drift for the first N images only"),
@@ -441,9 +444,9 @@ def bench_cmd(
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
     cfg_scale: float = CfgOpt,
-    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
-    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
-    total_tokens: str = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'"),
+    tree_top_k: int = TreeTopKOpt,
+    depth: int = DepthOpt,
+    total_tokens: str = TotalTokensOpt,
     threads: Optional[int] = typer.Option(None, min=1),
     device: str = typer.Option("cpu"),
     out: Optional[Path] = typer.Option(None, help="JSON file for the rows"),
@@ -500,8 +503,8 @@ def bench_rules_cmd(
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
     cfg_scale: float = CfgOpt,
-    tree_top_k: int = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node"),
-    depth: int = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth"),
+    tree_top_k: int = TreeTopKOpt,
+    depth: int = DepthOpt,
     total_tokens: int = typer.Option(defaults.TOTAL_TOKENS, help="dynamic tree: nodes incl. root"),
     threads: Optional[int] = typer.Option(None, min=1),
     device: str = typer.Option("cpu"),
