@@ -69,7 +69,7 @@ class Progress:
             self.stream.flush()
             self._width = 0
         print(text, file=sys.stdout if out is None else out, flush=True)
-        if self.show:
+        if self.show and (self.done or self.fields):  # nothing to show before the first update
             self._draw(time.perf_counter())
 
     def close(self) -> None:
