@@ -127,6 +127,7 @@ def test_longer_sequences_and_a_static_tree_keep_the_bounds():
 
 @pytest.mark.parametrize("method,tree", [
     pytest.param("coolsd", "chain-2", id="coolsd-chain-2"), pytest.param("lantern", "dynamic", id="lantern-dynamic"),
+    pytest.param("coolsd", "dynamic", id="coolsd-dynamic"),  # sampled siblings: their node law is not one candidate's
     pytest.param("cascade_bounded", SMALL_TREE, id="cascade_bounded-small", marks=pytest.mark.slow)])
 def test_recorded_drift_sits_at_the_exact_position(method, tree):
     """Position by position, the recorded drift's mean over images equals the exact expected TV of the node

@@ -159,3 +159,23 @@ def test_the_target_law_is_guided_as_llamagen_samples_computed_by_hand():
     by_hand = torch.softmax(u + scale * (c - u), dim=-1)
     package = api.next_token_law(bundle, [1], prefix, cfg_scale=scale)[0]
     assert torch.allclose(package, by_hand, atol=1e-6) and (package - torch.softmax(c, -1)).abs().max() > 1e-3
+
+
+def test_temperature_and_top_k_are_applied_as_documented_by_hand():
+    """The processed law (DESIGN 3) from the model's raw outputs by hand: guide, divide by the temperature,
+    keep the top-k logits, softmax; against the package's law at T = 1.7 and T = 0.6 (a temperature
+    that is ignored, inverted or applied after the softmax disagrees)."""
+    from cascade_sd import api
+
+    bundle = api.load_bundle("toy:vocab=7,len=12,seed=0")
+    target, prefix, label = bundle.target, torch.tensor([[2, 6]]), torch.tensor([0])
+    with torch.no_grad():
+        c = target(label, prefix).logits[0, -1].double()
+        u = target(target.null_condition(label), prefix).logits[0, -1].double()
+    for temperature, top_k in ((1.7, 0), (0.6, 4)):
+        logits = (u + 3.0 * (c - u)) / temperature
+        if top_k:
+            logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+        by_hand = torch.softmax(logits, dim=-1)
+        package = api.next_token_law(bundle, [0], prefix, cfg_scale=3.0, temperature=temperature, top_k=top_k)[0]
+        assert torch.allclose(package, by_hand, atol=1e-6), (temperature, top_k)

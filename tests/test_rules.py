@@ -176,6 +176,13 @@ def lantern(**params):
     return rule
 
 
+def test_lantern_pools_only_its_k_nearest_neighbours():
+    """k = 2 on a 1-D codebook 0..4: the third neighbour (mass .05, still under δ = .3) is not pooled."""
+    p = torch.tensor([[0.2, 0.05, 0.05, 0.05, 0.65]], dtype=torch.float64)
+    rule = _bound(get_rule("lantern", k=2, delta=0.3), torch.arange(5.0)[:, None])
+    assert float(rule.accept_prob(NodeState(p=p, q=None), torch.tensor([0]), NodeContext())) == pytest.approx(0.3)
+
+
 def test_lantern_point_mass_tv_is_exactly_c_m_star():
     p = torch.tensor([0.2, 0.05, 0.03, 0.72], dtype=torch.float64)
     q = torch.tensor([0.9, 0.05, 0.03, 0.02], dtype=torch.float64)  # top token of q: 0
@@ -236,10 +243,24 @@ def test_lantern_k_is_capped_by_default_and_checked_when_explicit():
 
 
 def test_lantern_pp_uses_the_multiplicative_threshold():
-    p = torch.tensor([[0.1, 0.15, 0.2, 0.55]], dtype=torch.float64)
-    rule = get_rule("lantern_pp", k=3, lam=3.0)  # (λ−1)·p(x) = 0.2: c_1 = .15 ok, c_2 = .35 not
+    p = torch.tensor([[0.1, 0.15, 0.1, 0.65]], dtype=torch.float64)
+    rule = get_rule("lantern_pp", k=3, lam=3.0)  # (λ−1)·p(x) = 0.2: c_1 = .15 ok, c_2 = .25 not (λ·p(x) would pool it)
     rule.bind(RuleResources(vocab=4, codebook=line_codebook()))
     assert float(rule.accept_prob(NodeState(p=p, q=None), torch.tensor([0]), NodeContext())) == pytest.approx(0.25)
+
+
+def test_lantern_family_pools_exactly_k_neighbours_under_its_threshold_sampled_by_hand():
+    """Sampled candidate x = 0 on a 1-D codebook 0..4 (neighbours 1, 2, 3, 4 in that order):
+    accept min(1, p(A)/q(x)) with A = x plus the longest prefix of its k nearest whose mass stays under
+    the threshold (LANTERN: δ; LANTERN++: (λ − 1)·p(x)), all by hand."""
+    book = torch.arange(5.0)[:, None]
+    p = torch.tensor([[0.2, 0.05, 0.05, 0.05, 0.65]], dtype=torch.float64)
+    q = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    x, ctx = torch.tensor([0]), NodeContext()
+    lantern_rule = _bound(get_rule("lantern", k=2, delta=0.3, residual="clean"), book)  # c = .05 + .05, k stops it
+    assert float(lantern_rule.accept_prob(NodeState(p=p, q=q), x, ctx)) == pytest.approx((0.2 + 0.1) / 0.6)
+    pp = _bound(get_rule("lantern_pp", k=3, lam=1.6), book)  # (λ − 1)·p(x) = .12: c_2 = .10 ok, c_3 = .15 not
+    assert float(pp.accept_prob(NodeState(p=p, q=q), x, ctx)) == pytest.approx((0.2 + 0.1) / 0.6)
 
 
 @given(law_pairs(), st.sampled_from([1.1, 2.0, 5.0]), st.integers(1, 3))
@@ -339,7 +360,10 @@ def test_gsd_is_the_reference_cluster():
     p = torch.full((1, vocab), 0.01, dtype=torch.float64)
     p[0, 10], p[0, 12], p[0, 17] = 0.3, 0.2, 0.32  # x = 10: window [3, 17) holds 12, not 17
     p /= p.sum()
-    q = torch.full((1, vocab), 1.0 / vocab, dtype=torch.float64)
+    q = torch.full((1, vocab), 0.1 / 17, dtype=torch.float64)
+    q[0, 10] = q[0, 12] = q[0, 17] = 0.3  # p(C)/q(C) < 1 here, so a wrong window changes the acceptance
+    q[0, 5] = 0.05  # and p/q < 1 for the fallback below
+    q /= q.sum()
     book = torch.zeros(vocab, 1)
     book[4] = 1.0  # squared distance 1 ≥ .5: token 4 never joins
     rule = _bound(get_rule("gsd"), book)
@@ -348,9 +372,27 @@ def test_gsd_is_the_reference_cluster():
     window = [t for t in range(3, 17) if t != 4 and abs(float(p[0, t] - p[0, 10])) < 0.15]
     assert window == [10, 12]  # the 0.01 tokens fail the probability filter; 17 is past i + 7
     expected = min(1.0, float(p[0, window].sum()) / float(q[0, window].sum()))
-    assert float(rule.accept_prob(NodeState(p=p, q=q), x, ctx)) == pytest.approx(expected)
+    assert expected < 0.9 and float(rule.accept_prob(NodeState(p=p, q=q), x, ctx)) == pytest.approx(expected)
     # Rank 5 < 7: the reference's slice starts at a negative index, raises, and falls back to p/q.
     assert float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([5]), ctx)) == pytest.approx(float(p[0, 5] / q[0, 5]))
+
+
+def test_gsd_window_ends_six_above_and_starts_seven_below_the_draft():
+    """Ascending logit order = token order, x = 9 (rank 9): the tokens at ranks 2 (= 9 − 7) and 15 (= 9 + 6)
+    join its cluster, the one at rank 16 (= 9 + 7) does not, by hand."""
+    vocab = 20
+    logits = torch.arange(vocab, dtype=torch.float64)[None]
+    p = torch.full((1, vocab), 0.01, dtype=torch.float64)
+    p[0, [2, 9, 15, 16]] = 0.2  # the only tokens within .15 of p(x)
+    p /= p.sum()
+    q = torch.full((1, vocab), 0.001, dtype=torch.float64)
+    q[0, [2, 9, 15]], q[0, 16] = 0.5, 0.1  # rank 16 would move p(C)/q(C) from .67 to .84
+    q /= q.sum()
+    rule = _bound(get_rule("gsd"), torch.zeros(vocab, 1))  # every embedding distance 0: no one is filtered out
+    ctx = NodeContext(extras={"node_logits": logits})
+    cluster = [2, 9, 15]
+    expected = float(p[0, cluster].sum() / q[0, cluster].sum())
+    assert expected < 1 and float(rule.accept_prob(NodeState(p=p, q=q), torch.tensor([9]), ctx)) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("block", [2**24, 300 * 7])  # one row block, and 43 blocks of 7 rows
