@@ -88,6 +88,7 @@ def environment_tags() -> tuple[dict[str, str], str]:
         "hardware.cores": str(os.cpu_count()),
         "hardware.device": device,
         "torch_threads": str(torch.get_num_threads()),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
         "version.cascade_sd": cascade_sd.__version__,
         "version.python": platform.python_version(),
         "version.torch": torch.__version__,
