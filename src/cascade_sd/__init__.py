@@ -26,8 +26,13 @@ def omp_wait_policy(environ: dict[str, str] | None = None, load: float | None = 
     environ = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in environ:
         return None
-    load = os.getloadavg()[0] if load is None else load
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform: keep OpenMP's default
+            return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return "PASSIVE" if load > cores + BUSY_MARGIN else None
 
 
