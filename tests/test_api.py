@@ -100,3 +100,11 @@ def test_cli_decode_and_errors(tmp_path):
                                 "--tree-top-k", "2", "--depth", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: depth=0 is out of range; allowed [1, 32]"
+
+
+def test_check_setting_accepts_auto_on_a_small_dynamic_tree():
+    """'auto' is resolved by timing later: the check must not hold it to the default 60 nodes (a dynamic
+    tree with top-k 2 and depth 2 has only 7)."""
+    bundle = api.load_bundle("toy:vocab=7,len=12,seed=0")
+    rule = api.check_setting(bundle, "strict", "dynamic", "eagle", tree_top_k=2, depth=2, total_tokens="auto")
+    assert rule.name == "strict"

@@ -8,6 +8,8 @@ import torch
 from scipy import stats
 
 from cascade_sd.acceptance import get_rule
+from cascade_sd.acceptance.base import NodeState, remove_token
+from cascade_sd.acceptance.strict import StrictRule
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
@@ -229,21 +231,19 @@ def test_statistics_are_consistent():
 
 
 
-class _ResidualIsP(get_rule("strict").__class__):
+class _ResidualIsP(StrictRule):
     """Mutation: after a rejection the next sibling and the bonus read p, not the residual norm((p − q)+)."""
 
     name = "mutant_residual_is_p"
 
     def reject(self, state, x, ctx):
-        from cascade_sd.acceptance.base import NodeState, remove_token
-
         return NodeState(p=state.p, q=None if state.q is None else remove_token(state.q, x))
 
     def bonus_after_reject(self, state, x, ctx):
         return state.p
 
 
-class _Accept102(get_rule("strict").__class__):
+class _Accept102(StrictRule):
     """Mutation: acceptance min(1, 1.02·p/q), a 2% optimistic ratio."""
 
     name = "mutant_accept_102"

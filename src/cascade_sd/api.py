@@ -167,15 +167,17 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, *, tree_top_k: int = defaults.TREE_TOP_K,
                   depth: int = defaults.DEPTH, total_tokens: int | str = defaults.TOTAL_TOKENS,
-                  **rule_params: Any) -> None:
+                  **rule_params: Any) -> AcceptanceRule:
     """Everything ``decode`` checks about a speculative setting (rule and parameters, tree, drafter), without
-    compute: benches validate all their settings with it before timing the first."""
+    compute, and the (unbound) rule: ``decode`` uses it, and benches validate all their settings with it
+    before timing the first."""
     check_choice("method", method, RULES)
     rule = get_rule(method, **rule_params)
     check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     bundle.drafter(drafter)
-    make_tree(tree, tree_top_k=tree_top_k, depth=depth,
-              total_tokens=defaults.TOTAL_TOKENS if total_tokens == "auto" else total_tokens)
+    # 'auto' is resolved later by timing; the smallest legal size checks the tree's other options.
+    make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=2 if total_tokens == "auto" else total_tokens)
+    return rule
 
 
 def parse_total_tokens(text: str) -> int | str:
@@ -292,10 +294,8 @@ def _rule_and_tree(bundle: Bundle, method: str, tree: str | StaticTree, drafter:
                    tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any]
                    ) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
     """The validated rule (bound to the bundle), the tree and its resolved size (one-line errors first)."""
-    check_choice("method", method, RULES)
-    rule = get_rule(method, **rule_params)
-    check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
-    bundle.drafter(drafter)
+    rule = check_setting(bundle, method, tree, drafter, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens,
+                         **rule_params)
     rule.bind(bundle.rule_resources())
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)

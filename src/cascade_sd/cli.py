@@ -239,13 +239,7 @@ def _parse_labels(labels: Optional[str], per_class: Optional[int], classes: int)
     if labels and per_class:
         raise CascadeError("give either --labels or --per-class, not both")
     if labels:
-        try:
-            parsed = [int(x) for x in labels.split(",") if x.strip()]
-        except ValueError:
-            raise CascadeError(f"labels={labels!r} is not a comma-separated list of integers") from None
-        if not parsed:
-            raise CascadeError(f"labels={labels!r} holds no class label; give comma-separated integers")
-        return parsed
+        return _int_list("labels", labels)
     return [c for c in range(classes) for _ in range(per_class or 1)]
 
 
