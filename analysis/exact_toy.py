@@ -28,6 +28,7 @@ import torch
 from cascade_sd import api
 from cascade_sd.acceptance import NodeContext, get_rule
 from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.jacobi import JacobiDrafting
 from cascade_sd.decoding.processing import SamplingParams
 from cascade_sd.decoding.tree import DraftTree, StaticTree
 from cascade_sd.errors import ConfigError
@@ -71,7 +72,7 @@ def _draw_prob(q: torch.Tensor, seq: tuple[int, ...]) -> float:
     return prob
 
 
-def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.Tensor,
+def realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.Tensor,
                   ) -> Iterator[tuple[DraftTree, torch.Tensor, object, object, float, torch.Tensor]]:
     """Every static draft-tree realisation with its probability and its drafted tokens [1, T+1] (−1 =
     not drawn), level by level, through ``round_at``."""
@@ -118,7 +119,7 @@ def _realisations(engine: SpeculativeEngine, cond: torch.Tensor, prefix: torch.T
     yield from rec(start, 1, 1.0)
 
 
-def _walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
+def enumerated_walk(rule, tree: DraftTree, p: torch.Tensor, view, prepared, limit: int
           ) -> tuple[list[tuple[tuple[int, ...], float]], list[tuple[int, int, float, torch.Tensor]]]:
     """Enumerated walk of one realised tree (mirrors ``walk_tree``): its (emitted block, probability)
     outcomes, and every verified node with its walk depth (it emits block position depth − 1), the
@@ -186,6 +187,27 @@ def _round_drift(found: list, walks: list, descendants: list[set[int]] | None) -
     return by_depth
 
 
+def toy_engine(bundle: api.Bundle, *, method: str = "strict", tree: str | StaticTree = "chain-2",
+               drafter: str = "eagle", tree_top_k: int = 2, depth: int = 2, total_tokens: int = 4,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
+               jacobi: api.JacobiOptions = None, **rule_params) -> SpeculativeEngine:
+    """The speculative engine of one setting on a bundle, its rule bound and its tree checked as ``api.decode``
+    would (the engine whose rounds the exact laws enumerate); ``drafter='jacobi'`` drafts from a Jacobi window."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    rule = get_rule(method, **rule_params)
+    spec = api.jacobi_spec(drafter, jacobi)
+    if spec is not None:
+        api.check_setting(bundle, method, api.WINDOW, drafter, jacobi=spec, **rule_params)
+        rule.bind(bundle.rule_resources())
+        source = JacobiDrafting(spec, bundle.target.config.vocab_size, next(bundle.target.parameters()).device)
+        return SpeculativeEngine(bundle.target, source, rule, spec.tree(), params)
+    api.check_tree(rule, tree if isinstance(tree, str) else "static", tree_top_k, bundle.target.config.vocab_size)
+    rule.bind(bundle.rule_resources())
+    shape = tree if isinstance(tree, StaticTree) else api.make_tree(tree, tree_top_k=tree_top_k, depth=depth,
+                                                                      total_tokens=total_tokens)
+    return SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
+
+
 def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", tree: str | StaticTree = "chain-2",
                     drafter: str = "eagle", tree_top_k: int = 2, depth: int = 2, total_tokens: int = 4,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
@@ -194,13 +216,10 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
 
     Run the bundle in float64 (``as_float64``) so that "exact" means agreement to ~1e-15.
     """
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-    rule = get_rule(method, **rule_params)
-    api.check_tree(rule, tree if isinstance(tree, str) else "static", tree_top_k, bundle.target.config.vocab_size)
-    rule.bind(bundle.rule_resources())
-    shape = tree if isinstance(tree, StaticTree) else api.make_tree(tree, tree_top_k=tree_top_k, depth=depth,
-                                                                      total_tokens=total_tokens)
-    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
+    engine = toy_engine(bundle, method=method, tree=tree, drafter=drafter, tree_top_k=tree_top_k, depth=depth,
+                        total_tokens=total_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        cfg_scale=cfg_scale, **rule_params)
+    rule, shape = engine.rule, engine.tree
     n = bundle.target.config.block_size
     cond = torch.tensor([label])
     with torch.no_grad():
@@ -215,10 +234,10 @@ def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", t
         if prefix not in rounds:
             pre = torch.tensor([prefix])
             if isinstance(shape, StaticTree):
-                found = list(_realisations(engine, cond, pre))
+                found = list(realisations(engine, cond, pre))
             else:
                 found = [(*engine.round_at(cond, pre), 1.0, None)]
-            walks = [_walk(rule, drafted, p, view, prepared, n - 1 - len(prefix))
+            walks = [enumerated_walk(rule, drafted, p, view, prepared, n - 1 - len(prefix))
                      for drafted, p, view, prepared, _, _ in found]
             merged = [(block, r[4] * prob) for r, (outs, _) in zip(found, walks) for block, prob in outs]
             rounds[prefix] = merged, _round_drift(found, walks, descendants)

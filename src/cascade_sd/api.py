@@ -18,6 +18,7 @@ from cascade_sd import defaults
 from cascade_sd.acceptance import RULES, AcceptanceRule, RuleResources, get_rule
 from cascade_sd.continuous.bundle import ContinuousBundle, decode_continuous, load_continuous_bundle
 from cascade_sd.decoding.engine import SpeculativeEngine
+from cascade_sd.decoding.jacobi import JacobiDrafting, JacobiSpec
 from cascade_sd.decoding.processing import SamplingParams, target_law
 from cascade_sd.decoding.tree import DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, condition_padding, vanilla_decode, with_null_condition
@@ -165,14 +166,47 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+#: The drafter name of the drafter-free Jacobi draft source (DESIGN 5b), and the tree name of its window.
+JACOBI, WINDOW = "jacobi", "window"
+JacobiOptions = str | dict | JacobiSpec | None
+
+
+def jacobi_spec(drafter: str, jacobi: JacobiOptions) -> JacobiSpec | None:
+    """The Jacobi draft source of a setting: a variant name, a dict of ``JacobiSpec`` fields or a spec with
+    ``drafter='jacobi'`` (default variant 'sjd'); None for a trained drafter (one-line errors)."""
+    if drafter != JACOBI:
+        if jacobi is not None:
+            raise ConfigError(f"jacobi={jacobi!r} needs drafter='jacobi'; got drafter={drafter!r}")
+        return None
+    if jacobi is None or isinstance(jacobi, str):
+        return JacobiSpec(jacobi or "sjd")
+    if isinstance(jacobi, JacobiSpec):
+        return jacobi
+    if isinstance(jacobi, dict):
+        fields = ("variant", "window", "width", "depth", "code")
+        for key in jacobi:
+            check_choice("jacobi option", key, fields)
+        return JacobiSpec(**jacobi)
+    raise ConfigError(f"jacobi={jacobi!r} is not allowed; give a variant name, a dict of options or a JacobiSpec")
+
+
 def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, *, tree_top_k: int = defaults.TREE_TOP_K,
                   depth: int = defaults.DEPTH, total_tokens: int | str = defaults.TOTAL_TOKENS,
-                  **rule_params: Any) -> AcceptanceRule:
-    """Everything ``decode`` checks about a speculative setting (rule and parameters, tree, drafter), without
-    compute, and the (unbound) rule: ``decode`` uses it, and benches validate all their settings with it
-    before timing the first."""
+                  jacobi: JacobiOptions = None, **rule_params: Any) -> AcceptanceRule:
+    """Everything ``decode`` checks about a speculative setting (rule and parameters, tree, drafter or Jacobi
+    source), without compute, and the (unbound) rule: ``decode`` uses it, and benches validate all their
+    settings with it before timing the first."""
     check_choice("method", method, RULES)
     rule = get_rule(method, **rule_params)
+    spec = jacobi_spec(drafter, jacobi)
+    if spec is not None:
+        if tree not in (defaults.TREE, WINDOW):
+            raise ConfigError(f"tree={tree!r}: drafter='jacobi' verifies its own window (set by jacobi=); "
+                              f"allowed tree: {WINDOW!r} or the default")
+        if rule.reads_drafter:
+            raise ConfigError(f"method={method!r} reads a trained drafter's outputs, which drafter='jacobi' has not; "
+                              "with cascade set breadth_source='target' or breadth=false")
+        return rule
     check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     bundle.drafter(drafter)
     # 'auto' is resolved later by timing; the smallest legal size checks the tree's other options.
@@ -232,6 +266,7 @@ def decode(
     drift_rows: int | None = None,
     max_batch: int | None = None,
     progress: Progress | None = None,
+    jacobi: JacobiOptions = None,
     **rule_params: Any,
 ) -> DecodeResult:
     """Decode one image per condition; ``method="vanilla"`` is plain AR decoding, otherwise a rule name
@@ -240,6 +275,10 @@ def decode(
     ``max_batch`` caps the images decoded at once (default: all): vanilla decodes consecutive
     batches of that size; speculative methods keep that many rows busy, an image that finishes
     handing its row to the next (continuous batching).
+
+    ``drafter="jacobi"`` drafts without a trained drafter (DESIGN 5b): ``jacobi`` names the variant
+    ('sjd', 'scd-mc', 'scd-gumbel', 'sjd-pac') or gives a dict of ``JacobiSpec`` fields (variant, window,
+    width, depth, code); the window replaces ``tree``.
 
     ``labels`` are what ``bundle.target.prepare_condition`` takes: class labels (c2i), ``Captions`` or
     caption features [B, n, 2048] (LlamaGen t2i), or prompts as lists of token ids (transformers adapters).
@@ -268,7 +307,8 @@ def decode(
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
         return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0], progress)
     rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
-                                               rule_params)
+                                               rule_params, jacobi)
+    spec = jacobi_spec(drafter, jacobi)
     check_int("drift_draws", drift_draws, 1)
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
@@ -277,26 +317,32 @@ def decode(
         rows = cond.shape[0] if drift_rows is None else min(drift_rows, cond.shape[0])
         recorder = DriftRecorder(rule, rows, bundle.target.config.block_size, mc_draws=drift_draws,
                                  generator=torch.Generator().manual_seed(seed + 1))
-    engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params, profile=profile,
-                               drift=recorder)
+    source = (bundle.drafter(drafter) if spec is None
+              else JacobiDrafting(spec, bundle.target.config.vocab_size, cond.device))
+    engine = SpeculativeEngine(bundle.target, source, rule, shape, params, profile=profile, drift=recorder)
     result = engine.decode(cond, gen, max_rows=max_batch, valid=valid, progress=progress)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),
                      "total_tokens": total_tokens if tree == "dynamic" else shape.size + 1,
                      "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale}}
     if tree == "dynamic":
         result.stats |= {"tree_top_k": tree_top_k, "depth": depth}
+    if spec is not None:
+        result.stats |= {"tree": WINDOW, "jacobi": spec.to_dict()}
     if isinstance(tree, StaticTree):
         result.stats["tree"] = f"static:{list(tree.paths)}"
     return result
 
 
 def _rule_and_tree(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, params: SamplingParams,
-                   tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any]
-                   ) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
+                   tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any],
+                   jacobi: JacobiOptions = None) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
     """The validated rule (bound to the bundle), the tree and its resolved size (one-line errors first)."""
     rule = check_setting(bundle, method, tree, drafter, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens,
-                         **rule_params)
+                         jacobi=jacobi, **rule_params)
     rule.bind(bundle.rule_resources())
+    spec = jacobi_spec(drafter, jacobi)
+    if spec is not None:
+        return rule, spec.tree(), spec.window
     if tree == "dynamic" and total_tokens == "auto":
         total_tokens = auto_total_tokens(bundle, drafter=drafter, tree_top_k=tree_top_k, depth=depth, params=params)
     return rule, make_tree(tree, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens), total_tokens
@@ -344,6 +390,9 @@ def sequence_log_prob(
                           f"{n} tokens per condition")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise ConfigError(f"tokens hold ids outside [0, {vocab - 1}] (the target's vocabulary)")
+    if drafter == JACOBI:
+        raise ConfigError("sequence_log_prob does not cover drafter='jacobi': its window carries state across "
+                          "rounds that the prefix does not determine; use analysis/exact_toy on toys")
     rule, shape, _ = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens, rule_params)
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
     check_sequence_supported(engine)

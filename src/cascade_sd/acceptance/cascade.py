@@ -145,7 +145,6 @@ class CascadeRule(AcceptanceRule):
     name = "cascade"
     residual_independent_of_candidate = True  # the strict residual, whatever x was
     needs_tree = True
-    reads_drafter = True
     strength = "tau_b"
     strength_increases = False
     sweep = ({}, {"tau_b": 0.7, "tau_d": 0.5}, {"tau_b": 0.5, "tau_d": 0.3})
@@ -156,6 +155,11 @@ class CascadeRule(AcceptanceRule):
         for key, value in VARIANTS[self.params["variant"]].items():
             if self.params[key] is None:
                 self.params[key] = value
+
+    @property
+    def reads_drafter(self) -> bool:  # type: ignore[override]
+        """The breadth signal compares the drafter's outputs unless ``breadth_source='target'``."""
+        return self.params["breadth"] and self.params["breadth_source"] == "drafter"
 
     @property
     def draw_dependent(self) -> bool:

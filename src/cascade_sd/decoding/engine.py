@@ -41,6 +41,7 @@ from cascade_sd.decoding.processing import (
 )
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, inference_decode, with_null_condition
+from cascade_sd.decoding.jacobi import JacobiDrafting, NoDrafter
 from cascade_sd.decoding.verify import walk_tree
 from cascade_sd.metrics.drift import DrawSignals, DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
@@ -86,7 +87,7 @@ class SpeculativeEngine:
     def __init__(
         self,
         target: torch.nn.Module,
-        drafter: torch.nn.Module,
+        drafter: torch.nn.Module | JacobiDrafting,
         rule: AcceptanceRule,
         tree: StaticTree | DynamicTreeSpec,
         params: SamplingParams,
@@ -97,9 +98,11 @@ class SpeculativeEngine:
         self.target = target
         self.drift = drift
         self.stats = RoundStats()
-        self.drafter = drafter
+        # A drafter-free engine (DESIGN 5b) drafts from the Jacobi window; its tree is the window's.
+        self.jacobi = drafter if isinstance(drafter, JacobiDrafting) else None
+        self.drafter = NoDrafter() if self.jacobi is not None else drafter
         self.rule = rule
-        self.tree = tree
+        self.tree = tree if self.jacobi is None else self.jacobi.shape
         self.params = params
         self.profile = profile
         self.reps = 2 if params.uses_cfg else 1
@@ -424,8 +427,10 @@ class SpeculativeEngine:
                                    return_hidden=True, return_layers=self.layers)
             feats = torch.cat([feats, self.drafter.target_features(out)], 1)
         m = torch.full((b,), m_len, dtype=torch.long, device=self.device)
-        rnd = self._catch_up(feats, prefix, m, m)
-        tree = self._draft(rnd, prefix[:, -1], m, generator, forced)
+        if self.jacobi is not None:  # the window the caller set (``JacobiDrafting.start`` or a state of its own)
+            tree = self.jacobi.draft(prefix[:, -1], self.static_anc.expand(b, -1, -1))
+        else:
+            tree = self._draft(self._catch_up(feats, prefix, m, m), prefix[:, -1], m, generator, forced)
         _, p, view, prepared = self._verify(tree, m, lazy_laws=False)
         return tree, p, view, prepared
 
@@ -505,15 +510,20 @@ class SpeculativeEngine:
         feats = self._features(out, slice(-1, None))
         m = torch.ones(b, dtype=torch.long, device=dev)
         pend_len = torch.ones(b, dtype=torch.long, device=dev)
+        if self.jacobi is not None:
+            self.jacobi.start(b, generator)
         queued = b  # the next image to start
         while images.numel():
             round_start = time.perf_counter()
             self.stats.begin_round()
             self.live = live = images.numel()
-            # 1. Drafter catch-up; 2. draft tree; 3. one target forward over the tree.
-            rnd = self._catch_up(feats, tokens, m, pend_len)
-            tree = self._draft(rnd, tokens[self.iota[:live], m - 1], m, generator)
-            out, p, view, prepared = self._verify(tree, m)
+            # 1. Drafter catch-up; 2. draft tree (or the Jacobi window); 3. one target forward over the tree.
+            root = tokens[self.iota[:live], m - 1]
+            if self.jacobi is None:
+                tree = self._draft(self._catch_up(feats, tokens, m, pend_len), root, m, generator)
+            else:
+                tree = self.jacobi.draft(root, self.static_anc.expand(live, -1, -1))
+            out, p, view, prepared = self._verify(tree, m, lazy_laws=self.jacobi is None)
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
             visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images,
                                                             view=view, prepared=prepared)
@@ -522,6 +532,8 @@ class SpeculativeEngine:
             a = walk.accepted
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
             feats = self._commit(tokens, tree, walk, m, out)
+            if self.jacobi is not None:  # the columns past the commit are redrafted from this forward's laws
+                self.jacobi.advance(tree, a, walk.last_node, p, generator)
             m, pend_len = m + a + 1, a + 1
             done = m >= n
             if any(done.tolist()):  # 6. finished images hand their rows to queued ones, or leave the batch
@@ -533,6 +545,8 @@ class SpeculativeEngine:
                     images = images.index_put((rows,), new)
                     self._condition_padding(valid, images)
                     first, feat = self._refill(cond[new], rows, generator)
+                    if self.jacobi is not None:
+                        self.jacobi.restart(rows, generator)
                     tokens[rows] = 0
                     tokens[rows, 0] = first
                     m[rows], pend_len[rows], done[rows] = 1, 1, False
@@ -544,6 +558,8 @@ class SpeculativeEngine:
                 feats = feats[stream_rows]
                 self.target.select_rows(stream_rows)
                 self.drafter.select_rows(stream_rows)
+                if self.jacobi is not None:
+                    self.jacobi.select_rows(keep)
             self.stats.record_round(a, time.perf_counter() - round_start, computed_rows=live)
             if progress is not None:  # finished images' tokens plus the live rows' committed ones
                 progress((queued - images.numel()) * n + int(m.clamp(max=n).sum()), total * n)
