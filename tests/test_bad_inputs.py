@@ -32,6 +32,8 @@ def _files(root: Path) -> dict[str, str]:
         "cfg-steps-0": {"target": {"steps": 0}},
         "cfg-unknown-tree": {"decode": {"groups": [{"tree": "tree-99"}]}},
         "cfg-unknown-method": {"decode": {"groups": [{"tree": "chain-4", "methods": ["medusa"]}]}},
+        "cfg-jacobi-tree": {"decode": {"groups": [{"drafter": "jacobi", "tree": "chain-4"}]}},
+        "cfg-window-no-jacobi": {"decode": {"groups": [{"tree": "chain-4", "jacobi_window": 8}]}},
         "cfg-nan-lr": {"target": {"lr": float("nan")}},
         "cfg-inf-cfg": {"sample": {"cfg_scale": float("inf")}},
     }
@@ -97,6 +99,16 @@ CASES = [
     (DECODE + ["--method", "lantern", "--delta"], "--delta needs a value"),
     (DECODE + ["--method", "lantern", "--window", "3"], "--window is not an option of method='lantern'"),
     (DECODE + ["--foo", "1"], "--foo is not an option of method='strict'"),
+    # decode: the drafter-free Jacobi source
+    (DECODE + ["--jacobi", "sjd"], "need --drafter jacobi; got --drafter eagle"),
+    (DECODE + ["--drafter", "jacobi", "--jacobi", "sjd-xl"], "jacobi='sjd-xl' is not allowed"),
+    (DECODE + ["--drafter", "jacobi", "--jacobi-window", "1"], "jacobi_window=1 is out of range; allowed [2, inf]"),
+    (DECODE + ["--drafter", "jacobi", "--jacobi", "sjd-pac", "--jacobi-window", "8"], "allowed jacobi_window >= 14"),
+    (DECODE + ["--drafter", "jacobi", "--jacobi-code", "reference-code"], "available for jacobi in ['scd-mc']"),
+    (DECODE + ["--drafter", "jacobi", "--tree", "dynamic"], "tree='dynamic': drafter='jacobi' verifies its own window"),
+    (DECODE + ["--drafter", "jacobi", "--method", "cascade"], "breadth_source='target'"),
+    (BENCH + ["--jacobi-window", "8"], "apply to --jacobi rows; give --jacobi"),
+    (RULES_BENCH + ["--drafter", "jacobi", "--jacobi", "medusa"], "jacobi='medusa' is not allowed"),
     (DECODE + ["stray"], "unexpected argument 'stray'"),
     # decode: bundles and folders
     (["decode", "--out-dir", "{tmp}/out"], "Missing option '--bundle'"),
@@ -135,6 +147,8 @@ CASES = [
     (["doctor", "-c", "{cfg-steps-0}"], "target.steps=0 is out of range"),
     (["doctor", "-c", "{cfg-unknown-tree}"], "decode.groups.0.tree='tree-99'"),
     (["doctor", "-c", "{cfg-unknown-method}"], "medusa"),
+    (["doctor", "-c", "{cfg-jacobi-tree}"], "drafter 'jacobi' verifies its own window; leave out tree"),
+    (["doctor", "-c", "{cfg-window-no-jacobi}"], "jacobi_window needs drafter: jacobi"),
     (["doctor", "-c", "{cfg-nan-lr}"], "target.lr=nan"),
     (["doctor", "-c", "{cfg-inf-cfg}"], "sample.cfg_scale=inf"),
     # other commands

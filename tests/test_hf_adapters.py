@@ -89,6 +89,12 @@ def _bundle(family: str, codes: int, seed: int = 0) -> api.Bundle:
     return api.bundle_for(target, family, drafters)
 
 
+#: Jacobi settings of the greedy tests (with a continuous-batching size or None).
+JACOBI_GREEDY = [({"variant": "sjd", "window": 4}, None), ({"variant": "scd-mc", "window": 6}, 3),
+                 ({"variant": "scd-gumbel", "window": 5}, None),
+                 ({"variant": "sjd-pac", "window": 8, "width": 2, "depth": 2}, 3)]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -101,6 +107,10 @@ def test_strict_greedy_equals_vanilla_greedy(family, cfg_scale):
         sd = api.decode(b, prompts, method="strict", tree=tree, drafter=drafter, temperature=0.0, cfg_scale=cfg_scale,
                         tree_top_k=3, depth=3, total_tokens=8, max_batch=max_batch)
         assert torch.equal(sd.tokens, vanilla), (family, tree, max_batch)
+    for jacobi, max_batch in JACOBI_GREEDY:  # the drafter-free window, through the same adapter
+        sd = api.decode(b, prompts, method="strict", drafter="jacobi", jacobi=jacobi, temperature=0.0,
+                        cfg_scale=cfg_scale, max_batch=max_batch)
+        assert torch.equal(sd.tokens, vanilla), (family, jacobi, max_batch)
     if family == "lumina":  # every row ends with the newline token, and only there
         width = b.target.config.grid_width
         assert (vanilla[:, width - 1 :: width] == 7).all() and (vanilla.reshape(-1, 2, width)[..., :-1] < 7).all()
@@ -126,8 +136,11 @@ def _exact_joint(target, prompt: list[int], params: SamplingParams) -> dict[tupl
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family,tree", [("anole", "chain-3"), ("lumina", "dynamic"), ("janus", "dynamic")])
-def test_strict_decode_through_the_adapter_samples_the_exact_law(family, tree):
+@pytest.mark.parametrize("family,opts", [
+    ("anole", {"tree": "chain-3"}), ("lumina", {"tree": "dynamic"}), ("janus", {"tree": "dynamic"}),
+    ("lumina", {"drafter": "jacobi", "jacobi": {"variant": "scd-mc", "window": 3}})],
+    ids=["anole-chain-3", "lumina-dynamic", "janus-dynamic", "lumina-jacobi-scd-mc"])
+def test_strict_decode_through_the_adapter_samples_the_exact_law(family, opts):
     """Chi-square against the enumerated joint law with CFG and top-k on. As in the engine test,
     n = 60 000 samples catch a TV deviation of 0.02 at level 1e-3 with probability > 0.99."""
     b = _bundle(family, codes=3, seed=1)
@@ -135,8 +148,8 @@ def test_strict_decode_through_the_adapter_samples_the_exact_law(family, tree):
     prompt = PROMPTS[0]
     law = _exact_joint(b.target, prompt, params)
     n = 60_000
-    res = api.decode(b, [prompt] * n, method="strict", tree=tree, cfg_scale=2.0, top_k=2, seed=0, tree_top_k=2,
-                     depth=3, total_tokens=6)
+    res = api.decode(b, [prompt] * n, method="strict", cfg_scale=2.0, top_k=2, seed=0, tree_top_k=2, depth=3,
+                     total_tokens=6, **opts)
     assert min(res.stats["accept_histogram"][:2]) > 50  # rejections and acceptances both occur
     seqs = list(law)
     index = {s: i for i, s in enumerate(seqs)}

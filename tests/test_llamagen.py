@@ -213,6 +213,9 @@ def test_t2i_strict_greedy_equals_vanilla_with_padding():
             sd = api.decode(b, caps, method="strict", tree=tree, tree_top_k=3, depth=3, total_tokens=8,
                             max_batch=max_batch, **kw)
             assert torch.equal(sd.tokens, vanilla), (tree, max_batch)
+    for jacobi in ("sjd", {"variant": "sjd-pac", "window": 8, "width": 2, "depth": 2}):  # drafter-free, padded captions
+        sd = api.decode(b, caps, method="strict", drafter="jacobi", jacobi=jacobi, max_batch=2, **kw)
+        assert torch.equal(sd.tokens, vanilla), jacobi
     assert b.target._cond_valid is None
     with pytest.raises(ConfigError, match="caption_embs must be"):
         api.decode(b, [1, 2], method="vanilla")

@@ -4,7 +4,8 @@ Speedup = median vanilla time / median method time at the same batch size, over 
 alternate vanilla and the method (so a drifting machine slows both alike). Each run decodes
 batch × ``waves`` images at most batch at a time: vanilla in ``waves`` consecutive batches, the
 speculative engine with continuous batching (a finished image's row goes to the next one). The
-cost model predicts the speedup from τ and the measured per-round model costs:
+cost model predicts the speedup from τ and the measured per-round model costs (step compression,
+vanilla's target forwards over the method's, is the hardware-independent part of it):
 ``predicted = τ · t_vanilla_step / (t_draft_round + t_verify_round)``, where t_vanilla_step is
 vanilla's time per token step at that batch size and the round's draft and verify costs are its
 model time in rounds that computed the whole batch. achieved / predicted shows what the engine
@@ -86,12 +87,14 @@ def run_bench(
     sampling: dict[str, Any] | None = None,
     tree_options: dict[str, Any] | None = None,
     rule_params: dict[str, Any] | None = None,
+    jacobi: Iterable[api.JacobiOptions] = (),
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (batch size, drafter, tree): τ, tokens/s, speedup, overhead, predicted speedup.
-    ``on_row`` gets each row as it is measured (a batch's vanilla row after its speculative rows);
-    ``progress`` counts the settings measured."""
+    """One row per (batch size, drafter, tree) and per Jacobi setting (drafter-free, ``jacobi``: variant names
+    or option dicts): τ, step compression, tokens/s, speedup, overhead, predicted speedup. ``on_row`` gets
+    each row as it is measured (a batch's vanilla row after its speculative rows); ``progress`` counts the
+    settings measured."""
     check_int("waves", waves, 1)
     sampling = sampling or {}
     SamplingParams(**sampling)  # validate every setting before any compute
@@ -99,51 +102,56 @@ def run_bench(
     batch_sizes, trees = list(batch_sizes), list(trees)
     for batch in batch_sizes:
         check_int("batch_sizes", batch, 1)
-    for name in drafters:
-        for tree in trees:
-            api.check_setting(bundle, method, tree, name, **(tree_options or {}), **(rule_params or {}))
+    settings = [(name, tree, None) for name in drafters for tree in trees]
+    settings += [(api.JACOBI, api.WINDOW, api.jacobi_spec(api.JACOBI, j)) for j in jacobi]
+    for name, tree, spec in settings:
+        api.check_setting(bundle, method, tree, name, jacobi=spec, **(tree_options or {}), **(rule_params or {}))
     device = next(bundle.target.parameters()).device
     n_tokens = bundle.target.config.block_size
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
     if progress is not None:
-        progress.total = len(batch_sizes) * len(drafters) * len(trees)
+        progress.total = len(batch_sizes) * len(settings)
     for batch in batch_sizes:
         labels = torch.arange(batch * waves) % classes
         images = labels.numel()
-        vanilla = lambda: api.decode(bundle, labels, method="vanilla", seed=seed, max_batch=batch, **sampling)
+        last_vanilla: dict[str, Any] = {}
+        vanilla = lambda: last_vanilla.update(run=api.decode(bundle, labels, method="vanilla", seed=seed,
+                                                             max_batch=batch, **sampling))
         batch_rows, all_vanilla = [], []
-        for name in drafters:
-            for tree in trees:
-                run = lambda: api.decode(bundle, labels, method=method, tree=tree, drafter=name, seed=seed, profile=True,
-                                         max_batch=batch, **sampling, **(tree_options or {}), **(rule_params or {}))
-                if progress is not None:
-                    progress.update(progress.done, now=f"batch {batch} {name} {tree}")
-                van_times, sd_times, results = _timed_pairs(vanilla, run, repeats, device)
-                all_vanilla += van_times
-                t_van, t_sd = statistics.median(van_times), statistics.median(sd_times)
-                s = results[-1].stats  # the same seed: every run decodes the same tokens
-                timing = {k: statistics.median(r.stats[k] for r in results)
-                          for k in ("engine_overhead_fraction", "full_batch_round_model_seconds")}
-                predicted = s["mean_accepted_length"] * (t_van / (waves * n_tokens)) / timing["full_batch_round_model_seconds"]
-                achieved = t_van / t_sd
-                batch_rows.append({
-                    "batch": batch, "images": images, "method": method, "drafter": name, "tree": tree,
-                    "tau": s["mean_accepted_length"], "seconds": t_sd, "tokens_per_second": images * n_tokens / t_sd,
-                    "speedup": achieved,
-                    "predicted_speedup": predicted, "achieved_over_predicted": achieved / predicted,
-                    "engine_overhead_fraction": timing["engine_overhead_fraction"], "padding_fraction": s["padding_fraction"],
-                    "mean_rows_per_round": s["mean_rows_per_round"],
-                    "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
-                    "accept_histogram": s["accept_histogram"],
-                })
-                if progress is not None:
-                    progress.update(progress.done + 1)
-                if on_row is not None:
-                    on_row(batch_rows[-1])
+        for name, tree, spec in settings:
+            run = lambda: api.decode(bundle, labels, method=method, tree=tree, drafter=name, seed=seed, profile=True,
+                                     max_batch=batch, jacobi=spec, **sampling, **(tree_options or {}),
+                                     **(rule_params or {}))
+            label = tree if spec is None else jacobi_label(spec)
+            if progress is not None:
+                progress.update(progress.done, now=f"batch {batch} {name} {label}")
+            van_times, sd_times, results = _timed_pairs(vanilla, run, repeats, device)
+            all_vanilla += van_times
+            t_van, t_sd = statistics.median(van_times), statistics.median(sd_times)
+            s = results[-1].stats  # the same seed: every run decodes the same tokens
+            timing = {k: statistics.median(r.stats[k] for r in results)
+                      for k in ("engine_overhead_fraction", "full_batch_round_model_seconds")}
+            predicted = s["mean_accepted_length"] * (t_van / (waves * n_tokens)) / timing["full_batch_round_model_seconds"]
+            achieved = t_van / t_sd
+            batch_rows.append({
+                "batch": batch, "images": images, "method": method, "drafter": name, "tree": label,
+                "tau": s["mean_accepted_length"],
+                "step_compression": last_vanilla["run"].stats["target_forwards"] / s["target_forwards"],
+                "seconds": t_sd, "tokens_per_second": images * n_tokens / t_sd, "speedup": achieved,
+                "predicted_speedup": predicted, "achieved_over_predicted": achieved / predicted,
+                "engine_overhead_fraction": timing["engine_overhead_fraction"], "padding_fraction": s["padding_fraction"],
+                "mean_rows_per_round": s["mean_rows_per_round"],
+                "target_forwards": s["target_forwards"], "drafter_forwards": s["drafter_forwards"],
+                "accept_histogram": s["accept_histogram"],
+            })
+            if progress is not None:
+                progress.update(progress.done + 1)
+            if on_row is not None:
+                on_row(batch_rows[-1])
         t_van = statistics.median(all_vanilla) if all_vanilla else _timed(vanilla, device)[0]
         rows.append({"batch": batch, "images": images, "method": "vanilla", "drafter": "-", "tree": "-", "tau": 1.0,
-                     "seconds": t_van, "tokens_per_second": images * n_tokens / t_van, "speedup": 1.0})
+                     "step_compression": 1.0, "seconds": t_van, "tokens_per_second": images * n_tokens / t_van, "speedup": 1.0})
         if on_row is not None:
             on_row(rows[-1])
         rows += batch_rows
@@ -155,8 +163,15 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-TABLE_HEAD = ("| batch | images | method | drafter | tree | τ | tokens/s | speedup | predicted | achieved/pred "
-              "| overhead | rows/round | padding |\n" + "|" + "---|" * 13)
+TABLE_HEAD = ("| batch | images | method | drafter | tree | τ | steps ÷ | tokens/s | speedup | predicted | achieved/pred "
+              "| overhead | rows/round | padding |\n" + "|" + "---|" * 14)
+
+
+def jacobi_label(spec: Any) -> str:
+    """A Jacobi setting in a table's tree column: ``sjd L=16``, ``sjd-pac L=64 W=3 D=3``."""
+    tail = f" W={spec.width} D={spec.depth}" if spec.pac else ""
+    code = " (reference code)" if spec.code == "reference-code" else ""
+    return f"{spec.variant} L={spec.window}{tail}{code}"
 
 
 def format_table(rows: list[dict[str, Any]], *, head: bool = True) -> str:
@@ -165,7 +180,7 @@ def format_table(rows: list[dict[str, Any]], *, head: bool = True) -> str:
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['images']} | {r['method']} | {r['drafter']} | {r['tree']} | {r['tau']:.2f} "
-            f"| {r['tokens_per_second']:.0f} "
+            f"| {_cell(r.get('step_compression'))} | {r['tokens_per_second']:.0f} "
             f"| {r['speedup']:.2f} | {_cell(r.get('predicted_speedup'))} "
             f"| {_cell(r.get('achieved_over_predicted'))} | {r.get('engine_overhead_fraction', 0):.1%} "
             f"| {r.get('mean_rows_per_round', r['batch']):.1f} | {r.get('padding_fraction', 0):.1%} |"
@@ -217,6 +232,7 @@ def run_rule_bench(
     tree_options: dict[str, Any] | None = None,
     defaults_only: bool = False,
     sweep_only: bool = False,
+    jacobi: api.JacobiOptions = None,
     on_row=None,
 ) -> list[dict[str, Any]]:
     """Every rule setting on one tree family vs vanilla, in one process.
@@ -226,23 +242,34 @@ def run_rule_bench(
     over ``drift_images`` images. Quality (needs tokenizer and judge): ``quality_images`` images at
     batch ``quality_batch``, judge accuracy with a bootstrap CI and in-domain FID against
     ``reference``; τ is taken from these runs when present (more rounds).
+
+    ``drafter='jacobi'`` (``jacobi``: the variant or its options) verifies the Jacobi window instead of
+    ``tree``; rules whose breadth signal reads a trained drafter compare the target's outputs there
+    (``breadth_source='target'``, shown in the params column).
     """
     sampling, tree_options = sampling or {}, tree_options or {}
     SamplingParams(**sampling)
+    spec = api.jacobi_spec(drafter, jacobi)
     settings = [("vanilla", {})] + rule_settings(rules, defaults_only=defaults_only, sweep_only=sweep_only, tree=tree)
+    if spec is not None:
+        tree = api.WINDOW
+        settings = [(name, {**params, "breadth_source": "target"} if name != "vanilla" and RULES[name](**params)
+                     .reads_drafter else params) for name, params in settings]
     for name, params in settings[1:]:  # validate every setting before any compute
-        api.check_setting(bundle, name, tree, drafter, **tree_options, **params)
-    bundle.drafter(drafter)
+        api.check_setting(bundle, name, tree, drafter, jacobi=spec, **tree_options, **params)
+    if spec is None:
+        bundle.drafter(drafter)
     classes = bundle.target.config.num_classes
     rows: list[dict[str, Any]] = []
     base_seconds = None
     for name, params in settings:
-        opts = {} if name == "vanilla" else {"tree": tree, "drafter": drafter, **tree_options, **params}
+        opts = {} if name == "vanilla" else {"tree": tree, "drafter": drafter, "jacobi": spec, **tree_options, **params}
 
         time_images(bundle, name, opts, timing_images, seed=seed, sampling=sampling)  # warm-up
         seconds, taus = time_images(bundle, name, opts, timing_images, seed=seed, sampling=sampling)
         base_seconds = seconds if name == "vanilla" else base_seconds
-        row = {"tree": tree if name != "vanilla" else "-", "drafter": drafter if name != "vanilla" else "-",
+        shown = tree if spec is None else jacobi_label(spec)
+        row = {"tree": shown if name != "vanilla" else "-", "drafter": drafter if name != "vanilla" else "-",
                "method": name, "params": params, "seconds": seconds, "speedup": base_seconds / seconds,
                "tau": float(np.mean(taus))}
         if name != "vanilla" and drift_images:

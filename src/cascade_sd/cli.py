@@ -44,6 +44,25 @@ CfgOpt = typer.Option(defaults.CFG_SCALE, help="classifier-free guidance scale (
 TreeTopKOpt = typer.Option(defaults.TREE_TOP_K, help="dynamic tree: children per expanded node")
 DepthOpt = typer.Option(defaults.DEPTH, help="dynamic tree: draft depth")
 TotalTokensOpt = typer.Option(str(defaults.TOTAL_TOKENS), help="dynamic tree: nodes incl. root, or 'auto'")
+JacobiOpt = typer.Option(None, help="--drafter jacobi: sjd, scd-mc, scd-gumbel or sjd-pac (default sjd)")
+WindowOpt = typer.Option(None, "--jacobi-window", help="--drafter jacobi: window L, nodes per target forward incl. "
+                         "the root (default 16 sjd, 32 scd, 64 sjd-pac)")
+PacWidthOpt = typer.Option(None, help="--jacobi sjd-pac: candidates W per tree column (default 3)")
+PacDepthOpt = typer.Option(None, help="--jacobi sjd-pac: tree depth D, columns 1..D-1 branch (default 3)")
+JacobiCodeOpt = typer.Option(None, help="--drafter jacobi: exact (default) or reference-code (scd-mc)")
+
+
+def _jacobi(drafter: str, variant: Optional[str], window: Optional[int], width: Optional[int], depth: Optional[int],
+            code: Optional[str]) -> Optional[dict[str, Any]]:
+    """The Jacobi options the flags set (``api.jacobi_spec`` checks them), or None for a trained drafter."""
+    given = {"variant": variant, "window": window, "width": width, "depth": depth, "code": code}
+    given = {k: v for k, v in given.items() if v is not None}
+    if drafter != "jacobi":
+        if given:
+            raise CascadeError("--jacobi, --jacobi-window, --pac-width, --pac-depth and --jacobi-code need --drafter jacobi; "
+                               f"got --drafter {drafter}")
+        return None
+    return given
 
 
 def _config(path: Optional[Path], **sample_overrides: Any) -> dict[str, Any]:
@@ -292,7 +311,13 @@ def decode_cmd(
     model: str = typer.Option("discrete", help="discrete (VQ tokens) or continuous (results/continuous: CSpD, "
                               "flags --gamma --prefill --ratio-temperature --max-tries)"),
     tree: str = typer.Option(defaults.TREE, help="chain-N, tree-25, tree-57 or dynamic"),
-    drafter: str = typer.Option(defaults.DRAFTER, help="drafter name in the bundle (eagle, eagle3, ...)"),
+    drafter: str = typer.Option(defaults.DRAFTER, help="drafter name in the bundle (eagle, eagle3, ...) or "
+                                "'jacobi' (drafter-free: the target drafts its own window)"),
+    jacobi: Optional[str] = JacobiOpt,
+    window: Optional[int] = WindowOpt,
+    pac_width: Optional[int] = PacWidthOpt,
+    pac_depth: Optional[int] = PacDepthOpt,
+    jacobi_code: Optional[str] = JacobiCodeOpt,
     labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
     per_class: Optional[int] = typer.Option(None, min=1, help="images per class (default 1)"),
     captions: Optional[Path] = typer.Option(None, help="t2i targets: .npz/.pt with caption_embs [B, n, 2048] (+ emb_masks)"),
@@ -327,6 +352,9 @@ def decode_cmd(
                                      cfg_scale=cfg_scale, device=device, dtype=dtype)
     total = api.parse_total_tokens(total_tokens)
     rule_params = _rule_flags(ctx.args, method)
+    jacobi_options = _jacobi(drafter, jacobi, window, pac_width, pac_depth, jacobi_code)
+    if jacobi_options is not None:
+        api.jacobi_spec(drafter, jacobi_options)  # its errors before the bundle loads
     b = api.load_bundle(bundle, device=device, dtype=dtype)
     cond, lab = _conditions(b, labels, per_class, captions)
     check_output_dir("out_dir", out_dir)
@@ -334,7 +362,8 @@ def decode_cmd(
         res = api.decode(b, cond, method=method, tree=tree, drafter=drafter, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, tree_top_k=tree_top_k, depth=depth,
                          total_tokens=total, record_drift=record_drift, drift_draws=drift_draws, drift_rows=drift_rows,
-                         progress=lambda done, all_: line.update(done * len(lab) // all_), **rule_params)
+                         progress=lambda done, all_: line.update(done * len(lab) // all_), jacobi=jacobi_options,
+                         **rule_params)
     res.stats["seed"] = seed
     with atomic_folder(out_dir) as folder:  # all or nothing: a killed command leaves no partial folder
         atomic_savez(folder / "tokens.npz", tokens=res.tokens.cpu().numpy(), labels=np.asarray(lab, dtype=np.int64))
@@ -430,6 +459,12 @@ def bench_cmd(
                               help="comma-separated tree families; all four by default because the bench compares "
                                    "them (decode's default is the workflow's chain-4)"),
     drafters: Optional[str] = typer.Option(None, help="comma-separated (default: all in the bundle)"),
+    jacobi: Optional[str] = typer.Option(None, help="comma-separated Jacobi variants to add (drafter-free rows): "
+                                         "sjd, scd-mc, scd-gumbel, sjd-pac"),
+    window: Optional[int] = typer.Option(None, "--jacobi-window",
+                                         help="--jacobi rows: window L for every variant (default: each one's)"),
+    pac_width: Optional[int] = PacWidthOpt,
+    pac_depth: Optional[int] = PacDepthOpt,
     method: str = typer.Option("strict", help="the acceptance rule (see `cascade-sd rules`)"),
     repeats: int = typer.Option(3, min=1),
     waves: int = typer.Option(1, min=1, help="images per setting = batch size × waves (continuous batching)"),
@@ -469,6 +504,10 @@ def bench_cmd(
             atomic_write_json(out, measured)
 
     rule_params = _rule_flags(ctx.args, method)
+    jacobi_rows = [_jacobi("jacobi", v, window, pac_width if v == "sjd-pac" else None,
+                           pac_depth if v == "sjd-pac" else None, None) for v in (jacobi.split(",") if jacobi else [])]
+    if not jacobi_rows and (window or pac_width or pac_depth):
+        raise CascadeError("--jacobi-window, --pac-width and --pac-depth apply to --jacobi rows; give --jacobi")
     with Progress("bench", None, "settings") as line:
         line.echo(TABLE_HEAD)
         run_bench(
@@ -476,7 +515,7 @@ def bench_cmd(
             drafters=drafters.split(",") if drafters else None, method=method, repeats=repeats, waves=waves, seed=seed,
             sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
             tree_options={"tree_top_k": tree_top_k, "depth": depth, "total_tokens": api.parse_total_tokens(total_tokens)},
-            rule_params=rule_params, on_row=show, progress=line,
+            rule_params=rule_params, jacobi=jacobi_rows, on_row=show, progress=line,
         )
 
 
@@ -484,7 +523,12 @@ def bench_cmd(
 def bench_rules_cmd(
     bundle: str = typer.Option(..., help="bundle folder or toy spec"),
     tree: str = typer.Option(defaults.TREE, help="tree family: chain-N, tree-25, tree-57 or dynamic"),
-    drafter: str = typer.Option(defaults.DRAFTER),
+    drafter: str = typer.Option(defaults.DRAFTER, help="drafter name in the bundle, or 'jacobi' (drafter-free)"),
+    jacobi: Optional[str] = JacobiOpt,
+    window: Optional[int] = WindowOpt,
+    pac_width: Optional[int] = PacWidthOpt,
+    pac_depth: Optional[int] = PacDepthOpt,
+    jacobi_code: Optional[str] = JacobiCodeOpt,
     rules: Optional[str] = typer.Option(None, help="comma-separated rules (default: all, each with its sweep)"),
     defaults_only: bool = typer.Option(False, help="each rule at its paper defaults only, no sweep"),
     sweep_only: bool = typer.Option(False, help="each rule's strength sweep without its defaults"),
@@ -515,6 +559,8 @@ def bench_rules_cmd(
 
     if threads:
         torch.set_num_threads(threads)
+    jacobi_options = _jacobi(drafter, jacobi, window, pac_width, pac_depth, jacobi_code)
+    api.jacobi_spec(drafter, jacobi_options)  # its errors before the bundle loads
     b = api.load_bundle(bundle, device=device)
     reference = None
     if quality_images:
@@ -533,7 +579,7 @@ def bench_rules_cmd(
     run_rule_bench(b, tree=tree, drafter=drafter, rules=rules.split(",") if rules else None,
                    timing_images=timing_images, drift_images=drift_images, quality_images=quality_images,
                    quality_batch=quality_batch, reference=reference, seed=seed, defaults_only=defaults_only,
-                   sweep_only=sweep_only,
+                   sweep_only=sweep_only, jacobi=jacobi_options,
                    sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale},
                    tree_options={"tree_top_k": tree_top_k, "depth": depth, "total_tokens": total_tokens}, on_row=save)
     typer.echo(format_rule_table(rows))
