@@ -9,6 +9,10 @@ sampler's code: independent redraws from the stale law (SJD), the maximal coupli
 (SCD-MC; the reference code's old q for a kept token), candidates without replacement (SJD-PAC's tree
 columns) and fresh columns (uniform token, one-hot or uniform q). SCD's Gumbel sharing keeps a
 continuous noise table in its state and is covered by the chi-square tests instead.
+
+Node drift is exact too: a verified node's law is its walk's emission averaged over the draws of its own
+children (the column below it, given that column's q and the rest of the state), the quantity the
+engine's drift recorder marginalises.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from dataclasses import replace
 
 import torch
 
-from analysis.exact_toy import _draw_prob, enumerated_walk, target_conditionals, toy_engine
+from analysis.exact_toy import JointLaw, _draw_prob, enumerated_walk, hybrid_bound, target_conditionals, toy_engine
 from cascade_sd import api
 from cascade_sd.errors import ConfigError
+from cascade_sd.metrics.drift import tv_distance
 
 #: A column: (candidates, key of its q in the law table); a window: one column per position.
 Column = tuple[tuple[int, ...], tuple[float, ...]]
@@ -91,8 +96,9 @@ def _path(tree, block: tuple[int, ...]) -> list[int]:
 
 def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, method: str = "strict",
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
-                     **rule_params) -> dict[tuple[int, ...], float]:
-    """The exact law over whole sequences of Jacobi-family decoding for one label (run the bundle in float64)."""
+                     **rule_params) -> JointLaw:
+    """The exact law over whole sequences of Jacobi-family decoding for one label, its hybrid bound and its node
+    drift (run the bundle in float64)."""
     spec = api.jacobi_spec(api.JACOBI, jacobi)
     if spec.variant == "scd-gumbel":
         raise ConfigError("exact_jacobi_law: jacobi='scd-gumbel' keeps a continuous noise table in its state; "
@@ -102,8 +108,9 @@ def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, meth
     source, rule = engine.jacobi, engine.rule
     n, vocab = bundle.target.config.block_size, bundle.target.config.vocab_size
     cols = source.columns
-    first = target_conditionals(bundle, label, temperature=temperature, top_k=top_k, top_p=top_p,
-                                cfg_scale=cfg_scale)[()]
+    conditionals = target_conditionals(bundle, label, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       cfg_scale=cfg_scale)
+    first = conditionals[()]
     cond = torch.tensor([label])
     fresh = _window_law(spec, vocab, [None] * cols, [None] * cols, [None] * cols)
     frontier: dict = defaultdict(float)
@@ -112,6 +119,7 @@ def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, meth
             frontier[((y,), window)] += float(first[y]) * prob
     law: dict[tuple[int, ...], float] = defaultdict(float)
     forwards: dict = {}  # the target's outputs depend on the prefix and the window's tokens, not on its q
+    nodes: dict = {}  # (prefix, node, the rest of the state, its children's q) → [position, reach, mass, Σ mass·law, p]
     while frontier:
         nxt: dict = defaultdict(float)
         for (prefix, window), prob in frontier.items():
@@ -123,7 +131,16 @@ def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, meth
             tree = source.draft(tree.tokens[:, 0], tree.ancestors)  # this window's q
             if view is not None:
                 view = replace(view, tree=tree)
-            blocks, _ = enumerated_walk(rule, tree, p, view, prepared, n - 1 - len(prefix))
+            blocks, visits = enumerated_walk(rule, tree, p, view, prepared, n - 1 - len(prefix))
+            for node, depth, reach, emits in visits:  # a node at walk depth d draws its children from column d − 1
+                c = depth - 1
+                key = (prefix, node, window[:c] + window[c + 1:], window[c][1])
+                group = nodes.setdefault(key, [len(prefix) + depth - 1, reach, 0.0, torch.zeros_like(emits),
+                                               p[0, node].double()])
+                if abs(group[1] - reach) > 1e-9:
+                    raise AssertionError(f"reach of node {node} depends on its own children's draws")
+                group[2] += prob
+                group[3] += prob * emits
             for block, p_block in blocks:
                 seq = prefix + block
                 if len(seq) >= n:
@@ -141,4 +158,10 @@ def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, meth
                 for new, p_new in _window_law(spec, vocab, stale, q_old, d_old):
                     nxt[(seq, new)] += prob * p_block * p_new
         frontier = nxt
-    return dict(law)
+    by_position = [0.0] * n
+    for position, reach, mass, total, p_node in nodes.values():
+        if mass > 0:
+            by_position[position] += reach * mass * float(tv_distance(total / mass, p_node))
+    law = dict(law)
+    return JointLaw(law=law, hybrid_bound=hybrid_bound(law, conditionals), node_drift_sum=sum(by_position),
+                    node_drift_by_position=by_position)

@@ -49,7 +49,7 @@ def len4():
 @pytest.mark.parametrize("jacobi", list(EXACT.values()), ids=list(EXACT))
 def test_strict_jacobi_law_is_the_targets(len4, jacobi):
     bundle, target, _ = len4
-    law = exact_jacobi_law(bundle, 1, jacobi=jacobi, cfg_scale=CFG)
+    law = exact_jacobi_law(bundle, 1, jacobi=jacobi, cfg_scale=CFG).law
     assert sum(law.values()) == pytest.approx(1.0, abs=1e-12)
     assert _tv(law, target) < 1e-12
 
@@ -58,8 +58,8 @@ def test_reference_code_scd_mc_is_not_exact():
     """The repository's SCD-MC records the old q for a kept token: its law moves away from the target's once
     a token kept against a stale law is verified, which takes five positions (the last is always a bonus)."""
     bundle, target, _ = _toy("toy:vocab=2,len=5,seed=2")
-    law = exact_jacobi_law(bundle, 1, jacobi=REFERENCE_SCD, cfg_scale=CFG)
-    exact = exact_jacobi_law(bundle, 1, jacobi={**REFERENCE_SCD, "code": "exact"}, cfg_scale=CFG)
+    law = exact_jacobi_law(bundle, 1, jacobi=REFERENCE_SCD, cfg_scale=CFG).law
+    exact = exact_jacobi_law(bundle, 1, jacobi={**REFERENCE_SCD, "code": "exact"}, cfg_scale=CFG).law
     assert sum(law.values()) == pytest.approx(1.0, abs=1e-12)
     assert _tv(exact, target) < 1e-12
     assert _tv(law, target) > 0.01
@@ -70,9 +70,11 @@ def test_reference_code_scd_mc_is_not_exact():
                                            ("cascade", {"tau_b": 0.0, "tau_d": 0.0, "breadth_source": "target"})])
 def test_relaxed_rules_on_sjd_stay_within_the_hybrid_bound(len4, method, params):
     bundle, target, conditionals = len4
-    law = exact_jacobi_law(bundle, 1, jacobi=EXACT["sjd-w3"], method=method, cfg_scale=CFG, **params)
-    assert sum(law.values()) == pytest.approx(1.0, abs=1e-12)
-    assert 1e-3 < _tv(law, target) <= hybrid_bound(law, conditionals) + 1e-12
+    joint = exact_jacobi_law(bundle, 1, jacobi=EXACT["sjd-w3"], method=method, cfg_scale=CFG, **params)
+    assert sum(joint.law.values()) == pytest.approx(1.0, abs=1e-12)
+    assert 1e-3 < _tv(joint.law, target) <= joint.hybrid_bound + 1e-12
+    assert joint.hybrid_bound == pytest.approx(hybrid_bound(joint.law, conditionals), abs=1e-12)
+    assert joint.hybrid_bound <= joint.node_drift_sum + 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -119,7 +121,7 @@ def test_strict_jacobi_decode_samples_the_target_law(fixture_law, jacobi, max_ba
 def test_the_chi_square_test_sees_the_reference_code_bias(fixture_law):
     """The test above, on its fixture, fails the reference code's SCD-MC (its exact law) with probability ≥ 0.99."""
     _, law = fixture_law
-    moved = exact_jacobi_law(as_float64(api.load_bundle(FIXTURE)), 1, jacobi=REFERENCE_SCD, cfg_scale=CFG)
+    moved = exact_jacobi_law(as_float64(api.load_bundle(FIXTURE)), 1, jacobi=REFERENCE_SCD, cfg_scale=CFG).law
     cells = [s for s in law if law[s] > 0]
     lam = SAMPLES * sum((moved.get(s, 0.0) - law[s]) ** 2 / law[s] for s in cells)
     df = len(cells) - 1
@@ -154,3 +156,30 @@ def test_jacobi_options_need_the_jacobi_drafter():
         api.decode(bundle, [1], drafter="eagle", jacobi="sjd")
     with pytest.raises(ConfigError, match="does not cover drafter='jacobi'"):
         api.sequence_log_prob(bundle, [1], [[0, 1, 2, 3]], drafter="jacobi")
+
+
+# ---------------------------------------------------------------------------------------------- drift
+DRIFT_CASES = [("strict", {}, EXACT["sjd-w3"]), ("coolsd", {"delta": 2.0}, EXACT["sjd-w3"]),
+               ("gsd", {"dist_threshold": 4.0, "p_threshold": 0.5, "window": 1}, EXACT["sjd-w3"]),
+               ("lantern", {"k": 2, "delta": 0.3}, EXACT["scd-mc-w3"]), ("coolsd", {"delta": 2.0}, EXACT["sjd-pac-w4"])]
+
+
+@pytest.mark.parametrize("method,params,jacobi", DRIFT_CASES,
+                         ids=[f"{m}-{j['variant']}" for m, _, j in DRIFT_CASES])
+def test_recorded_drift_on_a_jacobi_window_is_the_exact_node_drift(len4, method, params, jacobi):
+    """Position by position, the drift the engine records while decoding (node laws marginalised over each
+    node's own window draws) averages to analysis/exact_jacobi's exact node drift within 4.5 standard
+    errors over 600 images; strict's is exactly 0."""
+    bundle, _, _ = len4
+    joint = exact_jacobi_law(bundle, 1, jacobi=jacobi, method=method, cfg_scale=CFG, **params)
+    res = api.decode(bundle, [1] * 600, method=method, drafter="jacobi", jacobi=jacobi, cfg_scale=CFG, seed=4,
+                     record_drift=True, **params)
+    drift = res.arrays["drift"]
+    assert res.stats["drift_exact_fraction"] == 1.0
+    if method == "strict":
+        assert joint.node_drift_sum < 1e-12 and drift.max() < 1e-12
+        return
+    assert joint.node_drift_sum > 0.01, "the relaxation never fired on this toy"
+    se = drift.std(0, ddof=1) / len(drift) ** 0.5
+    exact = torch.tensor(joint.node_drift_by_position).numpy()
+    assert (abs(drift.mean(0) - exact) <= 4.5 * se + 1e-9).all(), (drift.mean(0), exact, se)
