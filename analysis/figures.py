@@ -25,7 +25,7 @@ from cascade_sd.acceptance import RULES  # noqa: E402
 from cascade_sd.io import atomic_write_text  # noqa: E402
 from cascade_sd.metrics.drift import paper_bound_cell  # noqa: E402
 
-TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "tau_min", "tau_max", "speedup", "speedup_min", "speedup_max",
+TABLE_COLUMNS = ["method", "setting", "tree", "drafter", "tau", "tau_min", "tau_max", "speedup", "speedup_min", "speedup_max", "step_compression",
                  "fid_in_domain", "fid_corrected", "fid_lower", "fid_upper", "kid_in_domain", "kid_lower", "kid_upper", "judge_accuracy", "judge_lower",
                  "judge_upper", "drift_mean", "drift_bound_mean", "paper_bound_mean", "paper_bound_violated_fraction",
                  "sequence_bound", "sequence_lower", "sequence_upper", "certified_bound", "certified_lower",
@@ -48,7 +48,8 @@ def table_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": e["method"], "setting": e["setting"], "tree": e["tree"], "drafter": e["drafter"],
             "tau": e["tau"], "tau_min": e["tau_range"][0], "tau_max": e["tau_range"][1],
             "speedup": e["speedup"], "speedup_min": e["speedup_range"][0],
-            "speedup_max": e["speedup_range"][1], "fid_in_domain": e.get("fid_in_domain"),
+            "speedup_max": e["speedup_range"][1], "step_compression": e["step_compression"],
+            "fid_in_domain": e.get("fid_in_domain"),
             "fid_corrected": e.get("fid_in_domain_corrected"),
             "fid_lower": ci("fid_in_domain_ci")[0], "fid_upper": ci("fid_in_domain_ci")[1],
             "kid_in_domain": e.get("kid_in_domain"), "kid_lower": ci("kid_in_domain_ci")[0],
@@ -86,14 +87,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     FID (n) is the plug-in value at the grid's common sample size; the bracketed interval and the
     debiased value target the population FID (basic bootstrap), so they sit below it.
     """
-    lines = ["| method | setting | tree | drafter | τ | speedup (seed range) | FID (n) | FID debiased [95% CI] "
+    lines = ["| method | setting | tree | drafter | τ | steps ÷ | speedup (seed range) | FID (n) | FID debiased [95% CI] "
              "| judge acc [95% CI] | drift/node | declared bound | paper's bound (nodes over it) | Σ_t E[TV_t] [95% CI] "
              "| measured TV [95% CI] (images) | TV from target images | KL(P_SD‖P) nats |",
-             "|" + "---|" * 16]
+             "|" + "---|" * 17]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['setting']} | {r['tree']} | {r['drafter']} | {r['tau']:.2f} "
-            f"| {r['speedup']:.2f} ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) "
+            f"| {r['step_compression']:.2f} | {r['speedup']:.2f} ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) "
             f"| {_fmt(r['fid_in_domain'], 1)} | {_fmt(r['fid_corrected'], 1)} [{_fmt(r['fid_lower'], 1)}, {_fmt(r['fid_upper'], 1)}] "
             f"| {_fmt(r['judge_accuracy'], 3)} [{_fmt(r['judge_lower'], 3)}, {_fmt(r['judge_upper'], 3)}] "
             f"| {_fmt(r['drift_mean'], 4)} | {_fmt(r['drift_bound_mean'], 4)} | {_paper_cell(r)} "
@@ -348,6 +349,25 @@ def accept_hist(evals: list[dict[str, Any]], out: Path) -> None:
     write_csv(out / "accept_hist.csv", rows, ["cell", "accepted", "rounds", "share"])
 
 
+def speed(rows: list[dict[str, Any]], out: Path) -> None:
+    """Step compression (tokens per target forward, the hardware-independent part) beside the measured
+    batch-1 speedup (seed range) for every speculative cell at its defaults, drafter-based and Jacobi alike."""
+    data = [r for r in rows if r["method"] != "vanilla" and r["setting"] in ("default", "breadth_source=target")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(data) + 2), 4.5))
+    x = np.arange(len(data))
+    ax.bar(x - 0.2, [r["step_compression"] for r in data], 0.4, label="step compression (vanilla forwards ÷ method's)",
+           color="0.65")
+    ax.bar(x + 0.2, [r["speedup"] for r in data], 0.4, yerr=_range_err(data, "speedup"), capsize=2,
+           label="wall-clock speedup, batch 1 (seed range)", color=[_colour(r["method"]) for r in data])
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    ax.set_xticks(x, [_label(r) for r in data], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("× vanilla")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.01))
+    _save(fig, out / "speed.png")
+    write_csv(out / "speed.csv", data, ["method", "setting", "tree", "drafter", "tau", "step_compression", "speedup",
+                                        "speedup_min", "speedup_max"])
+
+
 def samples(evals: list[dict[str, Any]], grids: list[Path], out: Path) -> None:
     """Each cell's sample grid at its defaults in one figure (rows of classes, as decoded)."""
     pairs = [(e, g) for e, g in zip(evals, grids) if e["setting"] == "default"]
@@ -378,6 +398,7 @@ def make_all(eval_paths: list[Path], grids: list[Path], out: Path) -> list[dict[
     strength(rows, evals, out)
     drift_vs_bound(rows, out)
     accept_hist(evals, out)
+    speed(rows, out)
     samples(evals, grids, out)
     measured_tv(rows, out)
     tv_vs_bound(rows, out)

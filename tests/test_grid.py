@@ -12,7 +12,7 @@ from scipy import linalg
 from cascade_sd.acceptance import RULES
 from cascade_sd.config import validate_config
 from cascade_sd.errors import ConfigError
-from cascade_sd.grid import drafter_names, grid_rows, parse_setting, setting_slug
+from cascade_sd.grid import drafter_names, grid_rows, mlflow_params, parse_setting, setting_slug
 from cascade_sd.metrics.quality import fid_bootstrap_ci, frechet_distance, kid_bootstrap_ci
 
 
@@ -46,11 +46,27 @@ def test_grid_has_vanilla_once_and_strict_in_every_group():
     assert drafter_names(cfg) == ["eagle", "eagle-rw2", "eagle3", "eagle3-rw2"]
 
 
+def test_a_jacobi_group_names_its_window_and_compares_target_outputs_for_cascade():
+    cfg = validate_config({"decode": {"groups": [
+        {"drafter": "jacobi", "jacobi": "sjd-pac", "jacobi_window": 16, "pac_width": 2, "methods": ["gsd", "cascade"]},
+        {"drafter": "jacobi", "methods": ["strict"]},
+    ]}})
+    rows = [(r["tree"], r["drafter"], r["method"], r["setting"]) for r in grid_rows(cfg)[1:]]
+    assert rows == [("sjd-pac-L16-W2-D3", "jacobi", "strict", "default"), ("sjd-pac-L16-W2-D3", "jacobi", "gsd", "default"),
+                    ("sjd-pac-L16-W2-D3", "jacobi", "cascade", "breadth_source=target"),
+                    ("sjd-L16", "jacobi", "strict", "default")]
+    assert mlflow_params(dict(zip(("tree", "drafter", "method", "setting"), rows[0])), {}, cfg["decode"])["jacobi"] == {
+        "variant": "sjd-pac", "window": 16, "width": 2, "depth": 3, "code": "exact"}
+
+
 @pytest.mark.parametrize("group,match", [
     ({"tree": "chain-4", "drafter": "medusa"}, "decode.groups.0.drafter='medusa' is not trained"),
     ({"tree": "dynamic", "methods": ["lantern_pp"]}, "'lantern_pp' needs a static tree"),
     ({"tree": "chain-4", "methods": ["lanternn"]}, "contains 'lanternn'"),
     ({"tree": "chain-0"}, "decode.groups.0.tree='chain-0'"),
+    ({"drafter": "eagle"}, "decode.groups.0 needs a tree"),
+    ({"drafter": "jacobi", "jacobi": "sjd-pac", "jacobi_window": 8}, "jacobi_window=8 does not fit"),
+    ({"tree": "chain-4", "pac_width": 2}, "pac_width needs drafter: jacobi"),
 ])
 def test_bad_groups_are_rejected_at_parse_time(group, match):
     with pytest.raises(ConfigError, match=match):
@@ -99,7 +115,7 @@ def _fake_cell(folder, seed: int, method: str, rng, tree: str = "tree-57", draft
     stats = {"tree": tree, "drafter": drafter, "method": method, "setting": "default", "seed": seed,
              "rule_params": {"delta": 0.1} if method == "lantern" else {}, "images": 3, "tau": 2.5, "rounds": 40,
              "accept_histogram": hist, "vanilla_seconds_per_image": 1.0, "seconds_per_image": 0.5, "speedup": 2.0,
-             "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 3.0}}
+             "step_compression": 2.2 + seed, "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 3.0}}
     (folder / "stats.json").write_text(json.dumps(stats))
     drift = rng.uniform(0, 0.1, size=(3, 9))
     np.savez(folder / "drift.npz", drift=drift, drift_bound=np.full_like(drift, 0.2),
@@ -144,7 +160,7 @@ def test_real_checkpoint_cells_are_evaluated_and_drawn_without_quality(tmp_path)
     _assert_rule_params_filterable(cfg["results"])
     rows = make_all(evals, grids, tmp_path / "figures")
     table = (tmp_path / "figures/results_table.md").read_text()
-    assert "| lantern | default | tree-57 | eagle | 2.50 | 2.00 (2.00–2.00) | – | – [–, –] | – [–, –] |" in table
+    assert "| lantern | default | tree-57 | eagle | 2.50 | 2.70 | 2.00 (2.00–2.00) | – | – [–, –] | – [–, –] |" in table
     assert not (tmp_path / "figures/pareto.png").exists() and (tmp_path / "figures/strength.png").exists()
     for name in ("measured_tv", "tv_vs_bound"):
         assert (tmp_path / f"figures/{name}.png").exists() and "lantern" in (tmp_path / f"figures/{name}.csv").read_text()

@@ -94,13 +94,21 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     assert "| vanilla | 1 |" in (results / "summary.md").read_text()
 
     figures = results / "figures"
-    for name in ("pareto", "strength", "drift_vs_bound", "accept_hist", "samples", "redundancy_breadth",
+    for name in ("pareto", "strength", "drift_vs_bound", "accept_hist", "speed", "samples", "redundancy_breadth",
                  "redundancy_depth", "results_table", "measured_tv", "tv_vs_bound"):
         assert (figures / f"{name}.csv").stat().st_size > 0
-    # Measured sequence TV in every speculative cell: exact, both estimates agreeing, strict's exactly 0.
+    # Measured sequence TV in every speculative cell with a trained drafter: exact, both estimates agreeing,
+    # strict's exactly 0. The drafter-free SJD cells have none (api.sequence_log_prob does not cover them).
+    jacobi = []
     for path in (results / "eval/grid").glob("**/*.json"):
         cell = json.loads(path.read_text())
         if cell["method"] == "vanilla":
+            continue
+        assert cell["step_compression"] > 1.0, path
+        if cell["drafter"] == "jacobi":
+            jacobi.append(cell["method"])
+            assert cell["tree"] == "sjd-L4" and "sequence_tv" not in cell and cell["tau"] > 1.0, path
+            assert cell["method"] != "strict" or cell["drift_mean"] < NUMERICAL_TOLERANCE, path
             continue
         assert cell["sequence_exact"] and cell["sequence_tv_agree"] and not cell["sequence_problems"], path
         assert 0.0 <= cell["sequence_tv_ci"][0] <= cell["sequence_tv"] <= cell["sequence_tv_ci"][1] <= 1.0
@@ -110,7 +118,7 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     table = (figures / "results_table.md").read_text()
     for method in ("vanilla", "strict", "lantern", "lantern_pp", "coolsd", "gsd", "cascade", "cascade_bounded"):
         assert f"| {method} |" in table
-    assert "eagle-rw2" in table
+    assert "eagle-rw2" in table and sorted(jacobi) == ["gsd", "strict"] and "| sjd-L4 | jacobi |" in table
     cspd = (figures / "cspd_table.md").read_text()
     assert "| vanilla | vanilla |" in cspd and "| cspd-g2-p0.15-t1 | cspd |" in cspd and "t42" in cspd
     for row in (json.loads(p.read_text()) for p in (results / "continuous/decode").glob("*/eval.json")):
@@ -118,16 +126,16 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     assert json.loads((results / "metrics/autoencoder.json").read_text())["test_psnr_db"] > 10
     audit = json.loads((results / "decode/audit.json").read_text())
     assert audit and all(a["verdict"] not in ("violated", "measured TV contradicts") for a in audit)
-    assert all("sequence_tv" in a for a in audit if a["method"] != "vanilla")
+    assert all("sequence_tv" in a for a in audit if a["method"] != "vanilla" and "drafter~jacobi" not in a["name"])
     cells = sorted((results / "decode").glob("**/seed0/stats.json"))
-    assert len(cells) == 10
+    assert len(cells) == 12
 
     info, runs = _runs(results)
     _assert_runs_close_and_nest_by_stage(info, runs)
     jobs = {r.data.tags["cascade_sd.job"] for r in runs if "cascade_sd.job" in r.data.tags}
     assert {"data", "train_tokenizer", "tokenize", "train_target", "train_judge", "generate_vanilla_seed0",
             "train_drafter_eagle_rw2", "grid_reference", "audit", "figures", "redundancy_heatmaps"} <= jobs
-    assert sum(j.startswith("decode ") for j in jobs) == 20 and sum(j.startswith("evaluate ") for j in jobs) == 10
+    assert sum(j.startswith("decode ") for j in jobs) == 24 and sum(j.startswith("evaluate ") for j in jobs) == 12
     assert {"train_autoencoder", "train_continuous_target", "train_continuous_draft"} <= jobs
     assert sum(j.startswith("cspd decode ") for j in jobs) == 4 and sum(j.startswith("cspd evaluate ") for j in jobs) == 4
     assert all(r.info.status == "FINISHED" for r in runs if r.info.run_id != info["parent_run_id"])

@@ -4,7 +4,9 @@ which seeds, and the job that fills one cell.
 A *setting* is a rule's parameter overrides as a path-safe slug (``default``, ``delta=0.2``,
 ``k=5,lam=10``), parsed back through the rule's own ``Param`` checks. Vanilla runs once per seed
 (tree and drafter ``none``); every group adds strict and its rules (each rule's paper defaults,
-or its whole ``sweep``). One job per cell decodes every seed's quality samples, records exact drift
+or its whole ``sweep``). A drafter-free group (``drafter: jacobi``) names its Jacobi setting, which
+becomes the cells' tree (``sjd-L16``); rules whose breadth reads a trained drafter compare the
+target's outputs there (``breadth_source=target`` in the setting). One job per cell decodes every seed's quality samples, records exact drift
 on a few rows and times vanilla and the method at batch 1 in the same process (speedup, DESIGN 7).
 """
 
@@ -24,6 +26,7 @@ from cascade_sd.errors import ConfigError, DataError
 from cascade_sd.metrics.drift import paper_bound_stats
 
 NONE = "none"
+JACOBI = "jacobi"
 
 
 def setting_slug(params: dict[str, Any]) -> str:
@@ -68,15 +71,38 @@ def _group_methods(group: dict[str, Any]) -> list[str]:
     return list(RULES) if group["methods"] == "all" else list(group["methods"])
 
 
+JACOBI_KEYS = {"jacobi": "variant", "jacobi_window": "window", "pac_width": "width", "pac_depth": "depth",
+               "jacobi_code": "code"}
+
+
 def check_decode(config: dict[str, Any]) -> None:
-    """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors)."""
+    """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors); a Jacobi
+    group's tree is its setting's slug."""
     from cascade_sd.acceptance import RULES
+    from cascade_sd.decoding.jacobi import JacobiSpec
 
     drafters = drafter_names(config)
     for i, group in enumerate(config["decode"]["groups"]):
         group.setdefault("drafter", "eagle")
         group.setdefault("methods", "all")
         group.setdefault("sweep", False)
+        options = {JACOBI_KEYS[k]: group[k] for k in JACOBI_KEYS if k in group}
+        if group["drafter"] == JACOBI:
+            if "tree" in group and group["tree"] != JacobiSpec(**options).slug():
+                raise ConfigError(f"config: decode.groups.{i}: drafter 'jacobi' verifies its own window; "
+                                  f"leave out tree (set jacobi, jacobi_window, pac_width, pac_depth, jacobi_code)")
+            group["tree"] = JacobiSpec(**options).slug()
+            unknown = [m for m in _group_methods(group) if m not in RULES]
+            if unknown:
+                raise ConfigError(f"config: decode.groups.{i}.methods contains {unknown[0]!r}; choose from "
+                                  f"{', '.join(map(repr, RULES))} (vanilla runs in every grid)")
+            continue
+        if options:
+            raise ConfigError(f"config: decode.groups.{i}: {next(iter(set(group) & set(JACOBI_KEYS)))} needs "
+                              f"drafter: jacobi")
+        if "tree" not in group:
+            raise ConfigError(f"config: decode.groups.{i} needs a tree (chain-N, tree-25, tree-57, dynamic) "
+                              f"or drafter: jacobi")
         if group["drafter"] not in drafters:
             raise ConfigError(f"config: decode.groups.{i}.drafter={group['drafter']!r} is not trained by this "
                               f"config; choose one of {', '.join(map(repr, drafters))}")
@@ -99,6 +125,9 @@ def grid_rows(config: dict[str, Any]) -> list[dict[str, str]]:
         for method in ["strict", *[m for m in methods if m != "strict"]]:
             sweep = RULES[method].sweep if group["sweep"] else RULES[method].sweep[:1]
             for params in sweep or ({},):
+                params = dict(params)
+                if group["drafter"] == JACOBI and RULES[method](**params).reads_drafter:
+                    params["breadth_source"] = "target"
                 row = {"tree": group["tree"], "drafter": group["drafter"], "method": method,
                        "setting": setting_slug(dict(params))}
                 if row not in rows:
@@ -134,7 +163,11 @@ def grid_decode_job(config: dict[str, Any], bundle_dir: Path, cell: dict[str, st
     params = parse_setting(method, cell["setting"])
     sampling = {k: sc[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
     opts: dict[str, Any] = {}
-    if method != "vanilla":
+    if method != "vanilla" and cell["drafter"] == JACOBI:
+        from cascade_sd.decoding.jacobi import JacobiSpec
+
+        opts = {"tree": api.WINDOW, "drafter": JACOBI, "jacobi": JacobiSpec.from_slug(cell["tree"]), **params}
+    elif method != "vanilla":
         opts = {"tree": cell["tree"], "drafter": cell["drafter"], "tree_top_k": dc["tree_top_k"],
                 "depth": dc["depth"], "total_tokens": dc["total_tokens"], **params}
     bundle = api.load_bundle(bundle_dir, device=device)
@@ -181,6 +214,7 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
                 hist = np.asarray(s["accept_histogram"], dtype=np.int64)
                 histogram = hist if histogram is None else _add_hist(histogram, hist)
         tokens_t = torch.cat(tokens)
+        n_tokens = tokens_t.shape[1]
         images = decode_to_images(bundle.tokenizer, tokens_t)
         timing_seed = 10_000 + seed * dc["timing_images"]
         t_van, _ = time_images(bundle, "vanilla", {}, dc["timing_images"], seed=timing_seed, sampling=sampling)
@@ -190,6 +224,8 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
             **({"tree_top_k": dc["tree_top_k"], "depth": dc["depth"], "total_tokens": effective_tree_size}
                if cell["tree"] == "dynamic" else {}),
             "tau": accepted / rounds if rounds else 1.0, "rounds": rounds,
+            # Tokens per target forward: vanilla spends one per token (the prefill gives the first).
+            "step_compression": len(labels) * n_tokens / (len(labels) + rounds) if rounds else 1.0,
             "accept_histogram": [] if histogram is None else histogram.tolist(),
             "vanilla_seconds_per_image": t_van / dc["timing_images"],
             "seconds_per_image": t_sd / dc["timing_images"], "speedup": t_van / t_sd,
@@ -198,7 +234,7 @@ def _decode_seed(config: dict[str, Any], bundle: Any, cell: dict[str, str], para
         out_dir.mkdir(parents=True, exist_ok=True)
         if method != "vanilla":
             stats |= _sequence_law(bundle, method, opts, sampling, labels, tokens_t, effective_tree_size,
-                                   _sequence_rows(dc, method, params, cell["tree"]), seed, out_dir)
+                                   _sequence_rows(dc, method, params, cell), seed, out_dir)
             if (out_dir / "sequence.npz").is_file():
                 run.artifact(out_dir / "sequence.npz")
         atomic_savez(out_dir / "tokens.npz", tokens=tokens_t.numpy().astype(np.int32), labels=labels.numpy())
@@ -225,12 +261,19 @@ def mlflow_params(cell: dict[str, str], params: dict[str, Any], dc: dict[str, An
         out["rule"] = {k: v for k, v in get_rule(cell["method"], **params).params.items() if v is not None}
     if cell["tree"] == "dynamic":
         out["dynamic_tree"] = {k: dc[k] for k in ("tree_top_k", "depth", "total_tokens")}
+    if cell["drafter"] == JACOBI:
+        from cascade_sd.decoding.jacobi import JacobiSpec
+
+        out["jacobi"] = JacobiSpec.from_slug(cell["tree"]).to_dict()
     return out
 
 
-def _sequence_rows(dc: dict[str, Any], method: str, params: dict[str, Any], tree: str) -> int:
-    """Images per seed with exact log P_SD: fewer where every position probes each hypothetical child."""
-    probed = tree != "dynamic" and get_rule(method, **params).draw_dependent
+def _sequence_rows(dc: dict[str, Any], method: str, params: dict[str, Any], cell: dict[str, str]) -> int:
+    """Images per seed with exact log P_SD: fewer where every position probes each hypothetical child, none
+    on a Jacobi window (its state between rounds is not a function of the prefix: ``api.sequence_log_prob``)."""
+    if cell["drafter"] == JACOBI:
+        return 0
+    probed = cell["tree"] != "dynamic" and get_rule(method, **params).draw_dependent
     return dc["probed_sequence_rows"] if probed else dc["sequence_rows"]
 
 
@@ -342,6 +385,7 @@ def grid_evaluate_job(config: dict[str, Any], judge_path: Path | None, reference
             "tau": sum(s["tau"] * s["rounds"] for s in stats) / rounds if rounds else 1.0,
             "tau_range": [min(s["tau"] for s in stats), max(s["tau"] for s in stats)],
             "speedup": float(np.mean(speedups)), "speedup_range": [min(speedups), max(speedups)],
+            "step_compression": float(np.mean([s["step_compression"] for s in stats])),
             "seconds_per_image": float(np.mean([s["seconds_per_image"] for s in stats])),
             "accept_histogram": reduce(_add_hist, [np.asarray(h) for h in hist]).tolist() if hist else [],
         }

@@ -111,7 +111,8 @@ rule grid_audit:
         "cascade-sd audit {params.folder} -c {params.cfg} > {log} 2>&1"
 
 
-FIGURES = ["pareto"] * BUILTIN + ["strength", "drift_vs_bound", "accept_hist", "samples", "measured_tv", "tv_vs_bound"]
+FIGURES = ["pareto"] * BUILTIN + ["strength", "drift_vs_bound", "accept_hist", "speed", "samples", "measured_tv",
+                                   "tv_vs_bound"]
 
 
 rule grid_figures:

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from cascade_sd.acceptance.base import AcceptanceRule, ProbeOutputs, TreeView
+from cascade_sd.decoding.jacobi import JacobiDrafting, NoDrafter
 from cascade_sd.decoding.processing import (
     NodeLaws,
     SamplingParams,
@@ -41,7 +42,6 @@ from cascade_sd.decoding.processing import (
 )
 from cascade_sd.decoding.tree import DraftTree, DrafterOutputs, DynamicTreeSpec, StaticTree
 from cascade_sd.decoding.vanilla import DecodeResult, causal_mask, inference_decode, with_null_condition
-from cascade_sd.decoding.jacobi import JacobiDrafting, NoDrafter
 from cascade_sd.decoding.verify import walk_tree
 from cascade_sd.metrics.drift import DrawSignals, DriftRecorder
 from cascade_sd.metrics.speed import RoundStats
