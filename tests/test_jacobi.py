@@ -183,3 +183,21 @@ def test_recorded_drift_on_a_jacobi_window_is_the_exact_node_drift(len4, method,
     se = drift.std(0, ddof=1) / len(drift) ** 0.5
     exact = torch.tensor(joint.node_drift_by_position).numpy()
     assert (abs(drift.mean(0) - exact) <= 4.5 * se + 1e-9).all(), (drift.mean(0), exact, se)
+
+
+def test_the_gumbel_table_follows_absolute_positions():
+    """SCD's Gumbel sharing ties one noise vector to each absolute position until it is committed: after a
+    row commits a + 1 tokens, its column c holds the old column c + a + 1's noise (fresh noise past the old
+    window), and each redraft is the argmax of log p_stale + that noise."""
+    from cascade_sd.decoding.jacobi import JacobiDrafting, JacobiSpec
+
+    source = JacobiDrafting(JacobiSpec("scd-gumbel", window=6), vocab=5, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    source.start(2, gen)
+    old = source.gumbel.clone()
+    p_s = torch.softmax(torch.randn(2, 5, 5, generator=gen, dtype=torch.float64), -1)
+    tok, q = source._redraft(p_s, p_s, torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.bool),
+                             torch.tensor([0, 2]), gen)
+    assert torch.equal(source.gumbel[0, :4], old[0, 1:]) and torch.equal(source.gumbel[1, :2], old[1, 3:])
+    assert not torch.equal(source.gumbel[1, 2:], old[1, :3])  # past the old window: new noise
+    assert torch.equal(tok, (p_s.log() + source.gumbel).argmax(-1)) and torch.equal(q, p_s)

@@ -392,7 +392,7 @@ def sequence_log_prob(
         raise ConfigError(f"tokens hold ids outside [0, {vocab - 1}] (the target's vocabulary)")
     if drafter == JACOBI:
         raise ConfigError("sequence_log_prob does not cover drafter='jacobi': its window carries state across "
-                          "rounds that the prefix does not determine; use analysis/exact_toy on toys")
+                          "rounds that the prefix does not determine; analysis/exact_jacobi gives exact laws on toys")
     rule, shape, _ = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens, rule_params)
     engine = SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
     check_sequence_supported(engine)

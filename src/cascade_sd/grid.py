@@ -6,8 +6,9 @@ A *setting* is a rule's parameter overrides as a path-safe slug (``default``, ``
 (tree and drafter ``none``); every group adds strict and its rules (each rule's paper defaults,
 or its whole ``sweep``). A drafter-free group (``drafter: jacobi``) names its Jacobi setting, which
 becomes the cells' tree (``sjd-L16``); rules whose breadth reads a trained drafter compare the
-target's outputs there (``breadth_source=target`` in the setting). One job per cell decodes every seed's quality samples, records exact drift
-on a few rows and times vanilla and the method at batch 1 in the same process (speedup, DESIGN 7).
+target's outputs there (``breadth_source=target`` in the setting). One job per cell decodes every
+seed's quality samples, records exact drift on a few rows and times vanilla and the method at batch 1
+in the same process (speedup, DESIGN 7).
 """
 
 from __future__ import annotations
@@ -75,31 +76,37 @@ JACOBI_KEYS = {"jacobi": "variant", "jacobi_window": "window", "pac_width": "wid
                "jacobi_code": "code"}
 
 
-def check_decode(config: dict[str, Any]) -> None:
-    """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors); a Jacobi
-    group's tree is its setting's slug."""
-    from cascade_sd.acceptance import RULES
+def group_tree(group: dict[str, Any]) -> str:
+    """A group's tree column: its tree, or for ``drafter: jacobi`` its Jacobi setting's slug (``sjd-L16``)."""
     from cascade_sd.decoding.jacobi import JacobiSpec
+
+    if group["drafter"] != JACOBI:
+        return group["tree"]
+    return JacobiSpec(**{JACOBI_KEYS[k]: group[k] for k in JACOBI_KEYS if k in group}).slug()
+
+
+def check_decode(config: dict[str, Any]) -> None:
+    """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors)."""
+    from cascade_sd.acceptance import RULES
 
     drafters = drafter_names(config)
     for i, group in enumerate(config["decode"]["groups"]):
         group.setdefault("drafter", "eagle")
         group.setdefault("methods", "all")
         group.setdefault("sweep", False)
-        options = {JACOBI_KEYS[k]: group[k] for k in JACOBI_KEYS if k in group}
+        options = set(group) & set(JACOBI_KEYS)
         if group["drafter"] == JACOBI:
-            if "tree" in group and group["tree"] != JacobiSpec(**options).slug():
+            if "tree" in group:
                 raise ConfigError(f"config: decode.groups.{i}: drafter 'jacobi' verifies its own window; "
                                   f"leave out tree (set jacobi, jacobi_window, pac_width, pac_depth, jacobi_code)")
-            group["tree"] = JacobiSpec(**options).slug()
+            group_tree(group)  # the Jacobi options' one-line errors
             unknown = [m for m in _group_methods(group) if m not in RULES]
             if unknown:
                 raise ConfigError(f"config: decode.groups.{i}.methods contains {unknown[0]!r}; choose from "
                                   f"{', '.join(map(repr, RULES))} (vanilla runs in every grid)")
             continue
         if options:
-            raise ConfigError(f"config: decode.groups.{i}: {next(iter(set(group) & set(JACOBI_KEYS)))} needs "
-                              f"drafter: jacobi")
+            raise ConfigError(f"config: decode.groups.{i}: {sorted(options)[0]} needs drafter: jacobi")
         if "tree" not in group:
             raise ConfigError(f"config: decode.groups.{i} needs a tree (chain-N, tree-25, tree-57, dynamic) "
                               f"or drafter: jacobi")
@@ -128,7 +135,7 @@ def grid_rows(config: dict[str, Any]) -> list[dict[str, str]]:
                 params = dict(params)
                 if group["drafter"] == JACOBI and RULES[method](**params).reads_drafter:
                     params["breadth_source"] = "target"
-                row = {"tree": group["tree"], "drafter": group["drafter"], "method": method,
+                row = {"tree": group_tree(group), "drafter": group["drafter"], "method": method,
                        "setting": setting_slug(dict(params))}
                 if row not in rows:
                     rows.append(row)
