@@ -126,7 +126,7 @@ def test_ci_workflow_runs_end_to_end(ci_workflow, tmp_path):
     assert json.loads((results / "metrics/autoencoder.json").read_text())["test_psnr_db"] > 10
     audit = json.loads((results / "decode/audit.json").read_text())
     assert audit and all(a["verdict"] not in ("violated", "measured TV contradicts") for a in audit)
-    assert all("sequence_tv" in a for a in audit if a["method"] != "vanilla" and "drafter~jacobi" not in a["name"])
+    assert all("sequence_tv" in a for a in audit if a["method"] != "vanilla" and "drafter~jacobi" not in a["run"])
     cells = sorted((results / "decode").glob("**/seed0/stats.json"))
     assert len(cells) == 12
 
