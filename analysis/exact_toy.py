@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from cascade_sd import api
-from cascade_sd.acceptance import NodeContext, get_rule
+from cascade_sd.acceptance import NodeContext
 from cascade_sd.decoding.engine import SpeculativeEngine
 from cascade_sd.decoding.jacobi import JacobiDrafting
 from cascade_sd.decoding.processing import SamplingParams
@@ -194,18 +194,12 @@ def toy_engine(bundle: api.Bundle, *, method: str = "strict", tree: str | Static
     """The speculative engine of one setting on a bundle, its rule bound and its tree checked as ``api.decode``
     would (the engine whose rounds the exact laws enumerate); ``drafter='jacobi'`` drafts from a Jacobi window."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
-    rule = get_rule(method, **rule_params)
     spec = api.jacobi_spec(drafter, jacobi)
-    if spec is not None:
-        api.check_setting(bundle, method, api.WINDOW, drafter, jacobi=spec, **rule_params)
-        rule.bind(bundle.rule_resources())
-        source = JacobiDrafting(spec, bundle.target.config.vocab_size, next(bundle.target.parameters()).device)
-        return SpeculativeEngine(bundle.target, source, rule, spec.tree(), params)
-    api.check_tree(rule, tree if isinstance(tree, str) else "static", tree_top_k, bundle.target.config.vocab_size)
-    rule.bind(bundle.rule_resources())
-    shape = tree if isinstance(tree, StaticTree) else api.make_tree(tree, tree_top_k=tree_top_k, depth=depth,
-                                                                      total_tokens=total_tokens)
-    return SpeculativeEngine(bundle.target, bundle.drafter(drafter), rule, shape, params)
+    rule, shape, _ = api._rule_and_tree(bundle, method, api.WINDOW if spec else tree, drafter, params, tree_top_k,
+                                        depth, total_tokens, rule_params, spec)
+    source = (bundle.drafter(drafter) if spec is None
+              else JacobiDrafting(spec, bundle.target.config.vocab_size, next(bundle.target.parameters()).device))
+    return SpeculativeEngine(bundle.target, source, rule, shape, params)
 
 
 def exact_joint_law(bundle: api.Bundle, label: int, *, method: str = "strict", tree: str | StaticTree = "chain-2",

@@ -306,9 +306,9 @@ def decode(
         if rule_params:
             raise ConfigError(f"parameter {next(iter(rule_params))!r} does not belong to method 'vanilla'")
         return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0], progress)
-    rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
-                                               rule_params, jacobi)
     spec = jacobi_spec(drafter, jacobi)
+    rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
+                                               rule_params, spec)
     check_int("drift_draws", drift_draws, 1)
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
@@ -337,10 +337,10 @@ def _rule_and_tree(bundle: Bundle, method: str, tree: str | StaticTree, drafter:
                    tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any],
                    jacobi: JacobiOptions = None) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
     """The validated rule (bound to the bundle), the tree and its resolved size (one-line errors first)."""
-    rule = check_setting(bundle, method, tree, drafter, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens,
-                         jacobi=jacobi, **rule_params)
-    rule.bind(bundle.rule_resources())
     spec = jacobi_spec(drafter, jacobi)
+    rule = check_setting(bundle, method, tree, drafter, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens,
+                         jacobi=spec, **rule_params)
+    rule.bind(bundle.rule_resources())
     if spec is not None:
         return rule, spec.tree(), spec.window
     if tree == "dynamic" and total_tokens == "auto":
