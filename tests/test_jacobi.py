@@ -54,6 +54,15 @@ def test_strict_jacobi_law_is_the_targets(len4, jacobi):
     assert _tv(law, target) < 1e-12
 
 
+def test_exact_variants_have_no_node_drift_where_a_kept_token_is_verified():
+    """On five positions an SCD-MC token kept against a stale law is verified. Its node law, averaged over the
+    column's own draws given what those draws do not produce (the earlier columns, the stale law; not the
+    next column, whose redraft read the kept token), is the target's: strict's node drift is 0."""
+    bundle, _, _ = _toy("toy:vocab=2,len=5,seed=2")
+    for jacobi in (EXACT["scd-mc-w3"], EXACT["sjd-pac-w4"]):
+        assert exact_jacobi_law(bundle, 1, jacobi=jacobi, cfg_scale=CFG).node_drift_sum < 1e-12
+
+
 def test_reference_code_scd_mc_is_not_exact():
     """The repository's SCD-MC records the old q for a kept token: its law moves away from the target's once
     a token kept against a stale law is verified, which takes five positions (the last is always a bonus)."""

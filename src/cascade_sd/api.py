@@ -206,6 +206,9 @@ def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: 
         if rule.reads_drafter:
             raise ConfigError(f"method={method!r} reads a trained drafter's outputs, which drafter='jacobi' has not; "
                               "with cascade set breadth_source='target' or breadth=false")
+        if spec.verifies_itself and method != "strict":
+            raise ConfigError(f"method={method!r} is not allowed with jacobi='sjd-pac', jacobi_code='reference-code': "
+                              "its code verifies the window itself with strict's test; allowed method: 'strict'")
         return rule
     check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     bundle.drafter(drafter)
@@ -310,6 +313,14 @@ def decode(
     rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
                                                rule_params, spec)
     check_int("drift_draws", drift_draws, 1)
+    keeps = record_drift and spec is not None and spec.code == "reference-code"
+    if keeps and spec.verifies_itself:
+        raise ConfigError("record_drift is not available with jacobi='sjd-pac', jacobi_code='reference-code': its "
+                          "longest-row verification has no per-node law; analysis/exact_jacobi gives its exact law on "
+                          "toys (allowed: jacobi_code='exact')")
+    if keeps and method != "strict":
+        raise ConfigError(f"record_drift with jacobi_code='reference-code' follows the reference code's strict test; "
+                          f"got method={method!r} (allowed: 'strict')")
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
     recorder = None
@@ -318,7 +329,7 @@ def decode(
         recorder = DriftRecorder(rule, rows, bundle.target.config.block_size, mc_draws=drift_draws,
                                  generator=torch.Generator().manual_seed(seed + 1))
     source = (bundle.drafter(drafter) if spec is None
-              else JacobiDrafting(spec, bundle.target.config.vocab_size, cond.device))
+              else JacobiDrafting(spec, bundle.target.config.vocab_size, cond.device, track_keeps=keeps))
     engine = SpeculativeEngine(bundle.target, source, rule, shape, params, profile=profile, drift=recorder)
     result = engine.decode(cond, gen, max_rows=max_batch, valid=valid, progress=progress)
     result.stats |= {"method": method, "tree": tree, "drafter": drafter, "rule_params": dict(rule.params),

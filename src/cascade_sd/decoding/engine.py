@@ -527,13 +527,16 @@ class SpeculativeEngine:
             # 4. Walk the tree with the acceptance rule; rows near the end cannot accept past the grid.
             visit = None if self.drift is None else partial(self._record_drift, tree=tree, p=p, m=m, images=images,
                                                             view=view, prepared=prepared)
-            walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=n - 1 - m, view=view,
-                             prepared=prepared, visit=visit)
+            if self.jacobi is not None and self.jacobi.verifies:  # SJD-PAC's reference code (strict only)
+                walk = self.jacobi.verify(tree, p, generator, n - 1 - m)
+            else:
+                walk = walk_tree(self.rule, tree, p, generator=generator, max_accept=n - 1 - m, view=view,
+                                 prepared=prepared, visit=visit)
             a = walk.accepted
             # 5. Commit accepted tokens + bonus, compact the target cache, queue features for the drafter.
             feats = self._commit(tokens, tree, walk, m, out)
             if self.jacobi is not None:  # the columns past the commit are redrafted from this forward's laws
-                self.jacobi.advance(tree, a, walk.last_node, p, generator)
+                self.jacobi.advance(tree, walk, p, generator)
             m, pend_len = m + a + 1, a + 1
             done = m >= n
             if any(done.tolist()):  # 6. finished images hand their rows to queued ones, or leave the batch
@@ -612,8 +615,9 @@ class SpeculativeEngine:
         draws = None
         if self.probe_width:
             draws = DrawSignals(prepared=prepared, view=view, nodes=nodes, probe=partial(self._probe, tree=tree, m=m))
+        mixture = None if self.jacobi is None else self.jacobi.draft_laws(nodes)
         self.drift.visit(rows, m + ctx.depth - 1, p[every, nodes], tree.q[every, nodes], tree.sampled, ctx,
-                         images=images, draws=draws)
+                         images=images, draws=draws, mixture=mixture)
 
     @torch.no_grad()
     def _probe(self, row: int, node: int, tokens: torch.Tensor, *, tree: DraftTree, m: torch.Tensor,

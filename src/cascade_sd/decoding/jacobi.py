@@ -22,8 +22,9 @@ the last accepted node:
 Fresh columns (nothing stale yet) get a uniform random token with a one-hot q (SJD, SCD) or a uniform q
 (SJD-PAC). Every draft is drawn from its recorded q given everything the verification conditions on,
 so strict verification samples the target exactly; each row advances by its own accepted length.
-``code="reference-code"`` reproduces a published departure from exactness: SCD-MC's repository records
-the old q for a kept token (..._SCDMC.py L292–293). REFERENCES.md lists every departure.
+``code="reference-code"`` reproduces the published departures from exactness: SCD-MC's repository records
+the old q for a kept token (..._SCDMC.py L292–293); SJD-PAC's verifies and redrafts as ``pac_reference``
+says (longest row, uniform bonus, residual siblings). REFERENCES.md lists every departure.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from dataclasses import dataclass
 import torch
 
 from cascade_sd.acceptance.base import normalise
+from cascade_sd.decoding.keep_mixture import KeepMixture
+from cascade_sd.decoding.pac_reference import PacReference
 from cascade_sd.decoding.processing import draw_without_replacement, sample_from_law
 from cascade_sd.decoding.tree import DraftTree, StaticTree
+from cascade_sd.decoding.verify import WalkResult
 from cascade_sd.errors import ConfigError, check_choice, check_int
 
 VARIANTS = ("sjd", "scd-mc", "scd-gumbel", "sjd-pac")
@@ -43,7 +47,7 @@ VARIANTS = ("sjd", "scd-mc", "scd-gumbel", "sjd-pac")
 DEFAULT_WINDOW = {"sjd": 16, "scd-mc": 32, "scd-gumbel": 32, "sjd-pac": 64}
 CODES = ("exact", "reference-code")
 #: The variants whose reference code departs from exactness in a way offered here.
-REFERENCE_CODE = ("scd-mc",)
+REFERENCE_CODE = ("scd-mc", "sjd-pac")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,11 @@ class JacobiSpec:
         return self.variant == "sjd-pac"
 
     @property
+    def verifies_itself(self) -> bool:
+        """SJD-PAC's reference code verifies with its own longest-row selection (``pac_reference``)."""
+        return self.pac and self.code == "reference-code"
+
+    @property
     def init(self) -> str:
         """Fresh columns' q: ``uniform`` (SJD-PAC) or ``one-hot`` (SJD, SCD)."""
         return "uniform" if self.pac else "one-hot"
@@ -131,8 +140,12 @@ class JacobiDrafting:
     """The window state of every batch row and its redrafting (module docstring); the engine's draft
     source on drafter-free settings."""
 
-    def __init__(self, spec: JacobiSpec, vocab: int, device: torch.device) -> None:
+    def __init__(self, spec: JacobiSpec, vocab: int, device: torch.device, *, track_keeps: bool = False) -> None:
+        """``track_keeps``: carry each column's law jointly with its recorded q (``keep_mixture``), for the
+        drift of SCD-MC's reference code, whose recorded q depends on its coupling coins."""
         self.spec, self.vocab, self.device = spec, vocab, device
+        self.track_keeps = track_keeps
+        self.mixture: KeepMixture | None = None
         self.shape = spec.tree()
         self.columns = self.shape.depth
         w = spec.candidates
@@ -142,6 +155,18 @@ class JacobiDrafting:
         self.node_entry = ((depth - 1).clamp_min(0) * w + rank).to(device)
         self.node_column = depth.clamp(max=self.columns - 1).to(device)  # the column a node's children fill
         self.children = self.shape.children.to(device)
+        #: SJD-PAC's reference code verifies the window itself (strict only): see ``pac_reference``.
+        self.reference = PacReference(self.shape, spec.depth, vocab, device) if spec.verifies_itself else None
+
+    @property
+    def verifies(self) -> bool:
+        """Whether this source verifies its window itself instead of the rule's walk."""
+        return self.reference is not None
+
+    def verify(self, tree: DraftTree, p: torch.Tensor, generator: torch.Generator | None,
+               max_accept: torch.Tensor | None) -> WalkResult:
+        """The reference code's own verification (only where ``verifies``)."""
+        return self.reference.verify(tree, p, generator, max_accept)
 
     # ------------------------------------------------------------------ state
     def _fresh(self, rows: int, cols: int, gen: torch.Generator | None):
@@ -156,6 +181,7 @@ class JacobiDrafting:
         """Fresh windows for ``batch`` rows."""
         self.cand, self.exists, self.q = self._fresh(batch, self.columns, gen)
         self.gumbel = self._gumbel(batch, self.columns, gen) if self.spec.variant == "scd-gumbel" else None
+        self.mixture = KeepMixture(batch, self.columns, self.vocab, self.device) if self.track_keeps else None
 
     def restart(self, rows: torch.Tensor, gen: torch.Generator | None) -> None:
         """Fresh windows for batch rows ``rows`` (a new image took them over)."""
@@ -163,12 +189,20 @@ class JacobiDrafting:
         self.cand[rows], self.exists[rows], self.q[rows] = cand, exists, q
         if self.gumbel is not None:
             self.gumbel[rows] = self._gumbel(rows.numel(), self.columns, gen)
+        if self.mixture is not None:
+            self.mixture.restart(rows)
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Keep batch rows ``keep`` (finished images left the batch)."""
         self.cand, self.exists, self.q = self.cand[keep], self.exists[keep], self.q[keep]
         if self.gumbel is not None:
             self.gumbel = self.gumbel[keep]
+        if self.mixture is not None:
+            self.mixture.select_rows(keep)
+
+    def draft_laws(self, nodes: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """``KeepMixture`` parts of the drafts below ``nodes`` [B] while ``track_keeps``, else None."""
+        return None if self.mixture is None else self.mixture.at(self.node_column[nodes])
 
     def _gumbel(self, rows: int, cols: int, gen: torch.Generator | None) -> torch.Tensor:
         u = torch.rand(rows, cols, self.vocab, dtype=torch.float64, device=self.device, generator=gen)
@@ -189,14 +223,18 @@ class JacobiDrafting:
                          depth=self.shape.node_depth.to(self.device).expand(b, n1),
                          children=torch.where(kid_ok & (kids >= 0), kids, -1),
                          q=self.q.index_select(1, self.node_column), sampled=True, ancestors=ancestors,
-                         distinct_siblings=True)
+                         distinct_siblings=self.reference is None)
 
     # ------------------------------------------------------------------ advance
-    def advance(self, tree: DraftTree, accepted: torch.Tensor, last_node: torch.Tensor, p: torch.Tensor,
-                gen: torch.Generator | None) -> None:
+    def advance(self, tree: DraftTree, walk: WalkResult, p: torch.Tensor, gen: torch.Generator | None) -> None:
         """Redraft every row's window for the round after it committed ``accepted`` + 1 tokens: new column
         c is position m + a + 1 + c, whose stale law is p at the (a + 1 + c)-th node of the first-child path
         below the last accepted node and whose old draft is that node's first child (module docstring)."""
+        if self.reference is not None:
+            self.cand, self.exists, self.q = self.reference.advance(
+                tree, walk, p, self._fresh, self.columns, self.spec.candidates, self.spec.tree_columns, gen)
+            return
+        accepted, last_node = walk.accepted, walk.last_node
         b, cols, dev = accepted.shape[0], self.columns, self.device
         rows = torch.arange(b, device=dev)
         # path[:, i]: depth a + 1 + i node of the first-child path below the last accepted node (−1: none).
@@ -224,6 +262,8 @@ class JacobiDrafting:
             stale_t = has_stale[:, :t, None]
             cand[:, :t] = torch.where(stale_t, drawn, cand[:, :t])
             exists[:, :t] = torch.where(stale_t, ok, exists[:, :t])
+        if self.mixture is not None:
+            self.mixture.advance(self.node_column[stale_node.clamp_min(0)], has_old, has_stale, p_s)
         self.cand, self.exists, self.q = cand, exists, q
 
     def _redraft(self, p_s, q_old, d_old, has_old, accepted, gen):

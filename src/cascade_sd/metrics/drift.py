@@ -29,6 +29,7 @@ import torch
 from cascade_sd.acceptance.base import AcceptanceRule, NodeContext, NodeState, TreeView
 from cascade_sd.acceptance.law import induced_law, sequence_law
 from cascade_sd.acceptance.strict import StrictRule
+from cascade_sd.decoding.keep_mixture import strict_mixture_law
 
 _STRICT = StrictRule()
 
@@ -196,10 +197,13 @@ class DriftRecorder:
         self.visited = np.zeros(shape, dtype=bool)
 
     def visit(self, rows: torch.Tensor, positions: torch.Tensor, p: torch.Tensor, q: torch.Tensor, sampled: bool,
-              ctx: NodeContext, *, images: torch.Tensor | None = None, draws: DrawSignals | None = None) -> None:
+              ctx: NodeContext, *, images: torch.Tensor | None = None, draws: DrawSignals | None = None,
+              mixture: tuple[torch.Tensor, ...] | None = None) -> None:
         """Record nodes of ``rows`` (indices) that verify candidates; their tokens land at ``positions``.
         ``images`` [B] names the image of each row when the batch no longer holds every image in order;
-        ``draws`` is given when the rule's signals move with the draws (then every draw gets its own)."""
+        ``draws`` is given when the rule's signals move with the draws (then every draw gets its own);
+        ``mixture`` holds ``KeepMixture`` parts when a one-candidate node's draft and recorded q follow them
+        instead of draft ~ q (strict only)."""
         for r in rows.tolist():
             image = r if images is None else int(images[r])
             if image >= self.batch:
@@ -208,7 +212,9 @@ class DriftRecorder:
             pr, qr = p[r].double().cpu(), q[r].double().cpu()
             one = NodeContext(depth=ctx.depth, n_candidates=n, extras={k: v[r : r + 1].cpu() for k, v in ctx.extras.items()})
             se = 0.0
-            if draws is not None and sampled and self.rule.draw_dependent:
+            if mixture is not None:
+                law, exact = strict_mixture_law(pr, *(part[r].double().cpu() for part in mixture)), True
+            elif draws is not None and sampled and self.rule.draw_dependent:
                 law, exact, se = draw_node_law(self.rule, pr, qr, one, draws, r, mc_draws=self.mc_draws,
                                                generator=self.generator)
             else:
