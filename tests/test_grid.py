@@ -67,6 +67,9 @@ def test_a_jacobi_group_names_its_window_and_compares_target_outputs_for_cascade
     ({"drafter": "eagle"}, "decode.groups.0 needs a tree"),
     ({"drafter": "jacobi", "jacobi": "sjd-pac", "jacobi_window": 8}, "jacobi_window=8 does not fit"),
     ({"tree": "chain-4", "pac_width": 2}, "pac_width needs drafter: jacobi"),
+    ({"drafter": "jacobi", "jacobi": "sjd-pac", "jacobi_code": "reference-code", "methods": ["strict"]},
+     "has no per-node law"),
+    ({"drafter": "jacobi", "jacobi": "scd-mc", "jacobi_code": "reference-code"}, r"allowed methods: \[strict\]"),
 ])
 def test_bad_groups_are_rejected_at_parse_time(group, match):
     with pytest.raises(ConfigError, match=match):

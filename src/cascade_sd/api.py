@@ -192,10 +192,10 @@ def jacobi_spec(drafter: str, jacobi: JacobiOptions) -> JacobiSpec | None:
 
 def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, *, tree_top_k: int = defaults.TREE_TOP_K,
                   depth: int = defaults.DEPTH, total_tokens: int | str = defaults.TOTAL_TOKENS,
-                  jacobi: JacobiOptions = None, **rule_params: Any) -> AcceptanceRule:
+                  jacobi: JacobiOptions = None, record_drift: bool = False, **rule_params: Any) -> AcceptanceRule:
     """Everything ``decode`` checks about a speculative setting (rule and parameters, tree, drafter or Jacobi
-    source), without compute, and the (unbound) rule: ``decode`` uses it, and benches validate all their
-    settings with it before timing the first."""
+    source, whether its drift can be recorded), without compute, and the (unbound) rule: ``decode`` uses it,
+    and benches validate all their settings with it before timing the first."""
     check_choice("method", method, RULES)
     rule = get_rule(method, **rule_params)
     spec = jacobi_spec(drafter, jacobi)
@@ -209,6 +209,13 @@ def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: 
         if spec.verifies_itself and method != "strict":
             raise ConfigError(f"method={method!r} is not allowed with jacobi='sjd-pac', jacobi_code='reference-code': "
                               "its code verifies the window itself with strict's test; allowed method: 'strict'")
+        if record_drift and spec.verifies_itself:
+            raise ConfigError("record_drift is not available with jacobi='sjd-pac', jacobi_code='reference-code': its "
+                              "longest-row verification has no per-node law; analysis/exact_jacobi gives its exact law "
+                              "on toys (allowed: jacobi_code='exact')")
+        if record_drift and spec.code == "reference-code" and method != "strict":
+            raise ConfigError(f"record_drift with jacobi_code='reference-code' follows the reference code's strict "
+                              f"test; got method={method!r} (allowed: 'strict')")
         return rule
     check_tree(rule, tree, tree_top_k, bundle.target.config.vocab_size)
     bundle.drafter(drafter)
@@ -311,16 +318,9 @@ def decode(
         return _vanilla_batches(bundle.target, cond, valid, params, gen, max_batch or cond.shape[0], progress)
     spec = jacobi_spec(drafter, jacobi)
     rule, shape, total_tokens = _rule_and_tree(bundle, method, tree, drafter, params, tree_top_k, depth, total_tokens,
-                                               rule_params, spec)
+                                               rule_params, spec, record_drift)
     check_int("drift_draws", drift_draws, 1)
     keeps = record_drift and spec is not None and spec.code == "reference-code"
-    if keeps and spec.verifies_itself:
-        raise ConfigError("record_drift is not available with jacobi='sjd-pac', jacobi_code='reference-code': its "
-                          "longest-row verification has no per-node law; analysis/exact_jacobi gives its exact law on "
-                          "toys (allowed: jacobi_code='exact')")
-    if keeps and method != "strict":
-        raise ConfigError(f"record_drift with jacobi_code='reference-code' follows the reference code's strict test; "
-                          f"got method={method!r} (allowed: 'strict')")
     if drift_rows is not None:
         check_int("drift_rows", drift_rows, 1)
     recorder = None
@@ -346,11 +346,12 @@ def decode(
 
 def _rule_and_tree(bundle: Bundle, method: str, tree: str | StaticTree, drafter: str, params: SamplingParams,
                    tree_top_k: int, depth: int, total_tokens: int | str, rule_params: dict[str, Any],
-                   jacobi: JacobiOptions = None) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
+                   jacobi: JacobiOptions = None, record_drift: bool = False
+                   ) -> tuple[AcceptanceRule, StaticTree | DynamicTreeSpec, int | str]:
     """The validated rule (bound to the bundle), the tree and its resolved size (one-line errors first)."""
     spec = jacobi_spec(drafter, jacobi)
     rule = check_setting(bundle, method, tree, drafter, tree_top_k=tree_top_k, depth=depth, total_tokens=total_tokens,
-                         jacobi=spec, **rule_params)
+                         jacobi=spec, record_drift=record_drift, **rule_params)
     rule.bind(bundle.rule_resources())
     if spec is not None:
         return rule, spec.tree(), spec.window

@@ -256,7 +256,8 @@ def run_rule_bench(
         settings = [(name, {**params, "breadth_source": "target"} if name != "vanilla" and RULES[name](**params)
                      .reads_drafter else params) for name, params in settings]
     for name, params in settings[1:]:  # validate every setting before any compute
-        api.check_setting(bundle, name, tree, drafter, jacobi=spec, **tree_options, **params)
+        api.check_setting(bundle, name, tree, drafter, jacobi=spec, record_drift=bool(drift_images), **tree_options,
+                          **params)
     if spec is None:
         bundle.drafter(drafter)
     classes = bundle.target.config.num_classes

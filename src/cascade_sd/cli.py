@@ -49,7 +49,8 @@ WindowOpt = typer.Option(None, "--jacobi-window", help="--drafter jacobi: window
                          "the root (default 16 sjd, 32 scd, 64 sjd-pac)")
 PacWidthOpt = typer.Option(None, help="--jacobi sjd-pac: candidates W per tree column (default 3)")
 PacDepthOpt = typer.Option(None, help="--jacobi sjd-pac: tree depth D, columns 1..D-1 branch (default 3)")
-JacobiCodeOpt = typer.Option(None, help="--drafter jacobi: exact (default) or reference-code (scd-mc)")
+JacobiCodeOpt = typer.Option(None, help="--drafter jacobi: exact (default) or reference-code (scd-mc, sjd-pac: "
+                             "their published code, not exact)")
 
 
 def _jacobi(drafter: str, variant: Optional[str], window: Optional[int], width: Optional[int], depth: Optional[int],
@@ -465,6 +466,8 @@ def bench_cmd(
                                          help="--jacobi rows: window L for every variant (default: each one's)"),
     pac_width: Optional[int] = PacWidthOpt,
     pac_depth: Optional[int] = PacDepthOpt,
+    jacobi_code: str = typer.Option("exact", help="--jacobi rows: comma-separated codes, a row per variant and code: "
+                                    "exact, reference-code (scd-mc, sjd-pac)"),
     method: str = typer.Option("strict", help="the acceptance rule (see `cascade-sd rules`)"),
     repeats: int = typer.Option(3, min=1),
     waves: int = typer.Option(1, min=1, help="images per setting = batch size × waves (continuous batching)"),
@@ -505,7 +508,8 @@ def bench_cmd(
 
     rule_params = _rule_flags(ctx.args, method)
     jacobi_rows = [_jacobi("jacobi", v, window, pac_width if v == "sjd-pac" else None,
-                           pac_depth if v == "sjd-pac" else None, None) for v in (jacobi.split(",") if jacobi else [])]
+                           pac_depth if v == "sjd-pac" else None, code)
+                   for v in (jacobi.split(",") if jacobi else []) for code in jacobi_code.split(",")]
     if not jacobi_rows and (window or pac_width or pac_depth):
         raise CascadeError("--jacobi-window, --pac-width and --pac-depth apply to --jacobi rows; give --jacobi")
     with Progress("bench", None, "settings") as line:

@@ -88,6 +88,7 @@ def group_tree(group: dict[str, Any]) -> str:
 def check_decode(config: dict[str, Any]) -> None:
     """Fill group defaults and check methods, drafters and tree/rule pairs (one-line errors)."""
     from cascade_sd.acceptance import RULES
+    from cascade_sd.decoding.jacobi import JacobiSpec
 
     drafters = drafter_names(config)
     for i, group in enumerate(config["decode"]["groups"]):
@@ -99,7 +100,14 @@ def check_decode(config: dict[str, Any]) -> None:
             if "tree" in group:
                 raise ConfigError(f"config: decode.groups.{i}: drafter 'jacobi' verifies its own window; "
                                   f"leave out tree (set jacobi, jacobi_window, pac_width, pac_depth, jacobi_code)")
-            group_tree(group)  # the Jacobi options' one-line errors
+            spec = JacobiSpec.from_slug(group_tree(group))  # the Jacobi options' one-line errors
+            if spec.verifies_itself:
+                raise ConfigError(f"config: decode.groups.{i}: jacobi 'sjd-pac' with jacobi_code 'reference-code' has "
+                                  f"no per-node law, which every grid cell records; time it with `cascade-sd bench "
+                                  f"--jacobi sjd-pac --jacobi-code reference-code` (allowed here: jacobi_code 'exact')")
+            if spec.code == "reference-code" and set(_group_methods(group)) != {"strict"}:
+                raise ConfigError(f"config: decode.groups.{i}: jacobi_code 'reference-code' records drift for the "
+                                  f"reference code's strict test only; allowed methods: [strict]")
         elif options:
             raise ConfigError(f"config: decode.groups.{i}: {sorted(options)[0]} needs drafter: jacobi")
         elif "tree" not in group:

@@ -66,6 +66,11 @@ class PacReference:
         self.below = torch.tensor(below, device=device)
         self.main_at_tree_depth = main[tree_depth]  # past a shorter row's pad, row 0's chain (L181–183)
         self.parent, self.depth, self.kids = parent, torch.tensor(depth, device=device), kids
+        #: Parents with one child (the chain, W = 1 columns) are tested at once; sibling groups one by one.
+        only = [n for n, k in enumerate(kids) if len(k) == 1]
+        self.only_parent = torch.tensor(only, dtype=torch.long, device=device)
+        self.only_child = torch.tensor([kids[n][0] for n in only], dtype=torch.long, device=device)
+        self.groups = [(n, k) for n, k in enumerate(kids) if len(k) > 1]
 
     def verify(self, tree: DraftTree, p: torch.Tensor, generator: torch.Generator | None,
                max_accept: torch.Tensor | None) -> WalkResult:
@@ -75,9 +80,14 @@ class PacReference:
         coins = torch.rand(b, n1, dtype=p.dtype, device=self.device, generator=generator)  # one per node
         passed = torch.zeros(b, n1, dtype=torch.bool, device=self.device)
         last_res = torch.zeros_like(p)  # per parent: the residual after its last sibling's test
-        for n, kids in enumerate(self.kids):
-            if not kids:
-                continue
+        if self.only_parent.numel():  # a lone child: p_0 = p, q_0 = q (no earlier sibling)
+            par, kid = self.only_parent, self.only_child
+            p_n, q_n = p.index_select(1, par), tree.q.index_select(1, par)
+            x = tree.tokens.index_select(1, kid)[..., None]
+            there = tree.children[:, par, 0] >= 0
+            passed[:, kid] = there & (p_n.gather(-1, x).squeeze(-1) > coins[:, kid] * q_n.gather(-1, x).squeeze(-1))
+            last_res[:, par] = torch.where(there[..., None], (p_n - q_n).clamp_min(0.0), 0.0)
+        for n, kids in self.groups:
             p_b, q_n = p[:, n], tree.q[:, n]
             removed = torch.zeros(b, vocab, dtype=torch.bool, device=self.device)
             for rank, k in enumerate(kids):
