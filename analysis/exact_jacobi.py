@@ -95,7 +95,8 @@ def _product(options: list[list[tuple[Column, float]]]) -> list[tuple[tuple[Colu
 def _draws(law: torch.Tensor, width: int, key: tuple[float, ...]) -> list[tuple[Column, float]]:
     """Every ordered draw of ``width`` tokens without replacement from ``law`` (fewer where its support ends)."""
     support = torch.nonzero(law > 0).flatten().tolist()
-    return [((seq, key, key), _draw_prob(law, seq)) for seq in itertools.permutations(support, min(width, len(support)))]
+    width = min(width, len(support))
+    return [((seq, key, key), _draw_prob(law, seq)) for seq in itertools.permutations(support, width)]
 
 
 def _normalised(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,8 @@ def exact_jacobi_law(bundle: api.Bundle, label: int, *, jacobi: dict | str, meth
             frontier[((y,), window)] += float(first[y]) * prob
     law: dict[tuple[int, ...], float] = defaultdict(float)
     forwards: dict = {}  # the target's outputs depend on the prefix and the window's tokens, not on its q
-    nodes: dict = {}  # (prefix, node, the rest of the state, its children's q) → [position, reach, mass, Σ mass·law, p]
+    nodes: dict = {}  # (prefix, node, earlier columns, what the column is conditioned on) → [position, reach, mass,
+    #                   Σ mass·law, p]
     while frontier:
         nxt: dict = defaultdict(float)
         for (prefix, window), prob in frontier.items():

@@ -11,8 +11,9 @@ from scipy import linalg
 
 from cascade_sd.acceptance import RULES
 from cascade_sd.config import validate_config
-from cascade_sd.errors import ConfigError
-from cascade_sd.grid import drafter_names, grid_rows, mlflow_params, parse_setting, setting_slug
+from cascade_sd.errors import ConfigError, DataError
+from cascade_sd.grid import (CELL_STATS, drafter_names, grid_rows, load_cell_stats, mlflow_params, parse_setting,
+                             setting_slug)
 from cascade_sd.metrics.quality import fid_bootstrap_ci, frechet_distance, kid_bootstrap_ci
 
 
@@ -74,6 +75,19 @@ def test_a_jacobi_group_names_its_window_and_compares_target_outputs_for_cascade
 def test_bad_groups_are_rejected_at_parse_time(group, match):
     with pytest.raises(ConfigError, match=match):
         validate_config({"decode": {"groups": [group]}})
+
+
+def test_a_cell_written_by_an_older_grid_decode_is_a_clear_error(tmp_path):
+    """grid evaluate names the stale cell and the field it lacks (a results folder kept across versions)."""
+    import json
+
+    stats = {k: 1 for k in CELL_STATS}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert load_cell_stats(tmp_path) == stats
+    del stats["step_compression"]
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(DataError, match="no 'step_compression' .* rerun its decode job"):
+        load_cell_stats(tmp_path)
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula():

@@ -336,12 +336,22 @@ def _add_hist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+#: What grid evaluate reads from every cell's stats.json.
+CELL_STATS = ("tree", "drafter", "method", "setting", "seed", "rule_params", "images", "sampling", "tau", "rounds",
+              "step_compression", "accept_histogram", "seconds_per_image", "speedup")
+
+
 def load_cell_stats(folder: Path) -> dict[str, Any]:
     """stats.json of one finished grid job: written last, so a folder without it is unfinished."""
     path = folder / "stats.json"
     if not path.is_file():
         raise DataError(f"cell folder {str(folder)!r} has no stats.json: its decode did not finish; rerun it")
-    return json.loads(path.read_text())
+    stats = json.loads(path.read_text())
+    missing = [k for k in CELL_STATS if k not in stats]
+    if missing:
+        raise DataError(f"cell folder {str(folder)!r}: stats.json has no {missing[0]!r} (written by an older "
+                        f"version of grid decode); rerun its decode job")
+    return stats
 
 
 def reference_features_job(config: dict[str, Any], judge_path: Path, out: Path) -> dict[str, Any]:

@@ -156,7 +156,7 @@ class JacobiDrafting:
         self.node_column = depth.clamp(max=self.columns - 1).to(device)  # the column a node's children fill
         self.children = self.shape.children.to(device)
         #: SJD-PAC's reference code verifies the window itself (strict only): see ``pac_reference``.
-        self.reference = PacReference(self.shape, spec.depth, vocab, device) if spec.verifies_itself else None
+        self.reference = PacReference(self.shape, spec.depth, device) if spec.verifies_itself else None
 
     @property
     def verifies(self) -> bool:

@@ -38,18 +38,18 @@ PAD = -2
 class PacReference:
     """The reference code's verification and redraft on one window shape (module docstring)."""
 
-    def __init__(self, shape: StaticTree, tree_depth: int, vocab: int, device: torch.device) -> None:
-        self.vocab, self.device = vocab, device
+    def __init__(self, shape: StaticTree, tree_depth: int, device: torch.device) -> None:
+        self.device = device
         parent, depth = shape.parent.tolist(), shape.node_depth.tolist()
         kids = [[k for k in row if k >= 0] for row in shape.children.tolist()]
-        self.n_nodes, self.max_depth = len(parent), shape.depth
+        self.max_depth = shape.depth
         main = [0]
         while kids[main[-1]]:
             main.append(kids[main[-1]][0])
         self.chain_end = main[-1]
         # below[n][e]: the committed row's node at depth e when n is the last accepted node (module docstring).
         below = []
-        for n in range(self.n_nodes):
+        for n in range(len(parent)):
             row, cur = [-1] * (self.max_depth + 2), n
             while cur >= 0:
                 row[depth[cur]], cur = cur, parent[cur]
@@ -141,14 +141,11 @@ class PacReference:
         own = normalise((p_par - q_par).clamp_min(0.0), p_par)  # a passed draft's own test residual
         failed = torch.where(pad[..., None], p_par, normalise(self._last_res[rows, par0], p_par))
         cand, exists, q = fresh(b, columns, generator)
-        w_kept, ok_kept = draw_without_replacement(own, max(width - 1, 1), generator)
         w_failed, ok_failed = draw_without_replacement(failed, width, generator)
-        old = tree.tokens[rows, x0][..., None]
-        if width > 1:
-            kept_cand = torch.cat([old, w_kept[..., : width - 1]], -1)
-            kept_ok = torch.cat([torch.ones_like(ok_kept[..., :1]), ok_kept[..., : width - 1]], -1)
-        else:
-            kept_cand, kept_ok = old, torch.ones_like(ok_kept)
+        kept_cand, kept_ok = tree.tokens[rows, x0][..., None], torch.ones_like(ok_failed[..., :1])
+        if width > 1:  # branches 1..W−1 beside a kept draft: draws from its own residual
+            w_kept, ok_kept = draw_without_replacement(own, width - 1, generator)
+            kept_cand, kept_ok = torch.cat([kept_cand, w_kept], -1), torch.cat([kept_ok, ok_kept], -1)
         new_cand = torch.where(kept[..., None], kept_cand, w_failed)
         new_ok = torch.where(kept[..., None], kept_ok, ok_failed)
         chain = torch.arange(columns, device=self.device)[None, :, None] >= tree_columns
