@@ -211,8 +211,8 @@ def check_setting(bundle: Bundle, method: str, tree: str | StaticTree, drafter: 
                               "its code verifies the window itself with strict's test; allowed method: 'strict'")
         if record_drift and spec.verifies_itself:
             raise ConfigError("record_drift is not available with jacobi='sjd-pac', jacobi_code='reference-code': its "
-                              "longest-row verification has no per-node law; analysis/exact_jacobi gives its exact law "
-                              "on toys (allowed: jacobi_code='exact')")
+                              "longest-row verification has no per-node law the recorder can compute; "
+                              "analysis/exact_jacobi gives its exact law on toys (allowed: jacobi_code='exact')")
         if record_drift and spec.code == "reference-code" and method != "strict":
             raise ConfigError(f"record_drift with jacobi_code='reference-code' follows the reference code's strict "
                               f"test; got method={method!r} (allowed: 'strict')")

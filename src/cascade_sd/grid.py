@@ -103,8 +103,9 @@ def check_decode(config: dict[str, Any]) -> None:
             spec = JacobiSpec.from_slug(group_tree(group))  # the Jacobi options' one-line errors
             if spec.verifies_itself:
                 raise ConfigError(f"config: decode.groups.{i}: jacobi 'sjd-pac' with jacobi_code 'reference-code' has "
-                                  f"no per-node law, which every grid cell records; time it with `cascade-sd bench "
-                                  f"--jacobi sjd-pac --jacobi-code reference-code` (allowed here: jacobi_code 'exact')")
+                                  f"no per-node law the recorder can compute, and every grid cell records drift; "
+                                  f"time it with `cascade-sd bench --jacobi sjd-pac --jacobi-code reference-code` "
+                                  f"(allowed here: jacobi_code 'exact')")
             if spec.code == "reference-code" and set(_group_methods(group)) != {"strict"}:
                 raise ConfigError(f"config: decode.groups.{i}: jacobi_code 'reference-code' records drift for the "
                                   f"reference code's strict test only; allowed methods: [strict]")
