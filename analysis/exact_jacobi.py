@@ -31,7 +31,7 @@ import torch
 
 from analysis.exact_toy import JointLaw, _draw_prob, enumerated_walk, hybrid_bound, target_conditionals, toy_engine
 from cascade_sd import api
-from cascade_sd.acceptance.base import MASS_EPS
+from cascade_sd.acceptance.base import normalise
 from cascade_sd.errors import ConfigError
 from cascade_sd.metrics.drift import tv_distance
 
@@ -99,10 +99,6 @@ def _draws(law: torch.Tensor, width: int, key: tuple[float, ...]) -> list[tuple[
     return [((seq, key, key), _draw_prob(law, seq)) for seq in itertools.permutations(support, width)]
 
 
-def _normalised(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    return mass / mass.sum() if float(mass.sum()) > MASS_EPS else fallback
-
-
 def _pac_reference_round(spec, tree, p: torch.Tensor, limit: int, vocab: int):
     """Every outcome of SJD-PAC's reference-code round, read from its code (KangJialiang/SJD-PAC 4fbc099,
     SJDPACSpeculativeSampler L134–222; ../shared/jacobi_family.md §4.3–4.4): (emitted block, probability,
@@ -120,11 +116,11 @@ def _pac_reference_round(spec, tree, p: torch.Tensor, limit: int, vocab: int):
         for k in group:
             q_b = law_q[n].clone()
             q_b[removed] = 0.0
-            q_b = _normalised(q_b, torch.zeros_like(q_b))
+            q_b = normalise(q_b, torch.zeros_like(q_b))
             x = tokens[k]
             accept[k] = min(1.0, float(p_b[x] / q_b[x])) if q_b[x] > 0 else float(p_b[x] > 0)
             last_res[n] = (p_b - q_b).clamp_min(0.0)
-            p_b = _normalised(last_res[n], p_b)
+            p_b = normalise(last_res[n], p_b)
             removed.append(x)
     main = [0]
     while kids[main[-1]]:
@@ -165,7 +161,7 @@ def _pac_reference_round(spec, tree, p: torch.Tensor, limit: int, vocab: int):
         if a >= limit or (not kids[last] and last != main[-1]):
             root_law = law_p[last]
         elif kids[last]:
-            root_law = _normalised(last_res[last], law_p[last])
+            root_law = normalise(last_res[last], law_p[last])
         else:
             root_law = uniform
         options = []
@@ -181,10 +177,10 @@ def _pac_reference_round(spec, tree, p: torch.Tensor, limit: int, vocab: int):
             if x == "pad":
                 options.append(_draws(law_p[par], width, key))
             elif passed[x]:
-                own = _normalised((law_p[par] - law_q[par]).clamp_min(0.0), law_p[par])
+                own = normalise((law_p[par] - law_q[par]).clamp_min(0.0), law_p[par])
                 options.append([(((tokens[x],) + seq, key, key), pr) for (seq, *_), pr in _draws(own, width - 1, key)])
             else:
-                options.append(_draws(_normalised(last_res[par], law_p[par]), width, key))
+                options.append(_draws(normalise(last_res[par], law_p[par]), width, key))
         path = [row_node(last, d) for d in range(1, a + 1)]
         for y in torch.nonzero(root_law > 0).flatten().tolist():
             yield tuple(tokens[v] for v in path) + (y,), weight * float(root_law[y]), options
